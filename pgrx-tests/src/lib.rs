@@ -1,0 +1,26 @@
+//! cloudmig-e2e: the out-of-process end-to-end test harness (tier 3 in STYLE.md's tests).
+//!
+//! It owns the life of real PostgreSQL clusters started for tests: a *source* (wal_level=logical)
+//! and a *destination* (cloudmig preloaded and created), a SQL client for each, and
+//! [`poll_until`] to wait for an asynchronous outcome instead of sleeping.
+//!
+//! Invariants:
+//! - every server the harness starts is stopped by [`Cluster`]'s `Drop`, also when a test panics;
+//!   a panicking test keeps its directory (data and log) and says where on stderr;
+//! - each cluster gets a fresh directory `<base>/<name>-<pid>-<n>` and a fresh port, so what a killed
+//!   run left behind cannot collide with a new run (and the next run reaps it, see `workdir`);
+//! - no fixed sleeps: start-up waits with `pg_ctl -w`, everything else polls with [`poll_until`].
+//!
+//! Environment: `CLOUDMIG_PG_BINDIR` (PostgreSQL binaries, default `pg_config --bindir`) and
+//! `CLOUDMIG_E2E_DIR` (base directory, default `<tmp>/cloudmig-e2e`).
+
+mod cluster;
+mod pgbin;
+mod poll;
+mod workdir;
+
+pub use cluster::{Cluster, ClusterBuilder};
+pub use pgbin::{bindir, chown_to_server, pg_command, sharedir};
+pub use poll::poll_until;
+/// The SQL client crate, re-exported so scenario tests use the very version the harness returns.
+pub use postgres;

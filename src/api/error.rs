@@ -1,0 +1,93 @@
+//! Errors at the SQL boundary: each becomes a specific SQLSTATE, a message
+//! that says what failed (PostgreSQL style: lower case, no period) and a hint
+//! that says what to do. None ever carries a password.
+
+use crate::source::{ConnInfoError, SourceError};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+/// Everything an API function can refuse with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid source connection string: {0}")]
+    InvalidConnInfo(#[from] ConnInfoError),
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
+    #[error("only superusers and members of pg_read_server_files may name a passfile")]
+    PassfileNotAllowed,
+    #[error("the source did not ask for a password")]
+    PasswordNotRequested,
+    #[error("another assessment is running (backend pid {0})")]
+    AssessmentRunning(i32),
+    #[error("could not record the assessment: {0}")]
+    Catalog(String),
+    #[error("{0}")]
+    Source(#[from] SourceError),
+}
+
+impl ApiError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            ApiError::InvalidConnInfo(_) | ApiError::InvalidOptions(_) => {
+                ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            ApiError::PassfileNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            ApiError::PasswordNotRequested => ERRCODE_S_R_E_PROHIBITED_SQL_STATEMENT_ATTEMPTED,
+            ApiError::AssessmentRunning(_) => ERRCODE_OBJECT_IN_USE,
+            ApiError::Catalog(_) => ERRCODE_INTERNAL_ERROR,
+            ApiError::Source(_) => ERRCODE_CONNECTION_FAILURE,
+        }
+    }
+
+    fn hint(&self) -> Option<String> {
+        match self {
+            ApiError::InvalidConnInfo(_) => Some(
+                "Pass a libpq connection string such as 'host=db1 port=5432 user=migrator \
+                 dbname=postgres' or a postgresql:// URI."
+                    .into(),
+            ),
+            ApiError::InvalidOptions(_) => None,
+            ApiError::PassfileNotAllowed => Some(
+                "Put the password in the connection string, or ask a superuser to run the \
+                 assessment."
+                    .into(),
+            ),
+            ApiError::PasswordNotRequested => Some(
+                "Non-superusers may only use sources that authenticate them with a password: \
+                 configure the source's pg_hba.conf with scram-sha-256 or md5 for this account."
+                    .into(),
+            ),
+            ApiError::AssessmentRunning(_) => {
+                Some("Wait for it to finish (see cloudmig.instance_status) and try again.".into())
+            }
+            ApiError::Catalog(_) => None,
+            ApiError::Source(error) => error.hint(),
+        }
+    }
+
+    /// Raises this error as a PostgreSQL ERROR; does not return.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.sqlstate(), self.to_string(), "cloudmig");
+        if let Some(hint) = self.hint() {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("an ERROR report does not return")
+    }
+}
+
+/// Unwraps a result at the SQL boundary, raising the error.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T, E: Into<ApiError>> OrRaise<T> for Result<T, E> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(value) => value,
+            Err(error) => error.into().raise(),
+        }
+    }
+}

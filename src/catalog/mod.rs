@@ -1,0 +1,45 @@
+//! Typed access to cloudmig's own tables. Nothing else reads or writes them.
+//!
+//! Writes run as the extension owner ([`as_extension_owner`]): callers (members
+//! of `cloudmig_admin`) can read the public tables but cannot write them, so
+//! an assessment row can only come from `cloudmig.assess()` itself, and the
+//! secrets table stays readable by the owner alone.
+
+pub mod assessments;
+
+use pgrx::prelude::*;
+
+/// Runs `body` with the current user switched to the owner of the cloudmig
+/// extension, as PostgreSQL itself does for referential-integrity checks.
+/// The previous user is restored on return and on error (PostgreSQL's
+/// transaction abort restores it too).
+pub fn as_extension_owner<R>(body: impl FnOnce() -> R) -> R {
+    let owner = Spi::get_one::<pg_sys::Oid>(
+        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'cloudmig'",
+    )
+    .ok()
+    .flatten();
+    let Some(owner) = owner else {
+        return body();
+    };
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores the values read below, on the same backend.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let mut previous_user = pg_sys::InvalidOid;
+    let mut previous_context = 0;
+    // SAFETY: out-parameters are valid; switching user for our own catalog
+    // writes with SECURITY_LOCAL_USERID_CHANGE prevents SET ROLE meanwhile.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut previous_user, &mut previous_context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            previous_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    let _restore = Restore(previous_user, previous_context);
+    body()
+}

@@ -1,0 +1,91 @@
+//! Every cloudmig setting (GUC), in one place, with typed accessors.
+//!
+//! All settings are `cloudmig.*`; the prefix is reserved so a typo in
+//! postgresql.conf is reported instead of silently ignored. None holds a
+//! secret: source passwords never travel through settings.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::time::Duration;
+
+/// Number of copy workers a migration runs in parallel per database. The
+/// assessment sizes its checks (source connections, destination worker
+/// slots) with it.
+static COPY_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+
+/// Extra free disk, in percent of the source's data size, that the
+/// destination must have on top of that size (indexes rebuilt here, WAL,
+/// bloat from the copy).
+static DISK_HEADROOM_PERCENT: GucSetting<i32> = GucSetting::<i32>::new(20);
+
+/// Longest wait, in seconds, for any single reply of the source server.
+static SOURCE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
+
+/// Age, in seconds, from which an open transaction on the source is reported:
+/// creating the replication slot waits for such transactions to end.
+static LONG_TRANSACTION_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(300);
+
+/// Registers every setting; called once from `_PG_init`.
+pub fn register() {
+    GucRegistry::define_int_guc(
+        c"cloudmig.copy_workers",
+        c"Number of tables a migration copies in parallel.",
+        c"The assessment checks that source connections and destination worker slots suffice for this many copy workers.",
+        &COPY_WORKERS,
+        1,
+        64,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"cloudmig.disk_headroom_percent",
+        c"Free disk the destination needs beyond the source's data size, in percent of that size.",
+        c"Covers indexes built here, WAL written by the copy and bloat.",
+        &DISK_HEADROOM_PERCENT,
+        0,
+        1000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"cloudmig.source_timeout",
+        c"Longest wait for any single reply of the source server.",
+        c"A source that stays silent longer is reported as timed out.",
+        &SOURCE_TIMEOUT,
+        1,
+        3600,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"cloudmig.long_transaction_seconds",
+        c"Age from which an open transaction on the source is reported by the assessment.",
+        c"Creating the migration's replication slot waits until such transactions end.",
+        &LONG_TRANSACTION_SECONDS,
+        1,
+        86400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    // SAFETY: called from _PG_init, on the main thread, with a static name.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"cloudmig".as_ptr()) };
+}
+
+/// See [`COPY_WORKERS`].
+pub fn copy_workers() -> u32 {
+    COPY_WORKERS.get().max(1) as u32
+}
+
+/// See [`DISK_HEADROOM_PERCENT`].
+pub fn disk_headroom_percent() -> u32 {
+    DISK_HEADROOM_PERCENT.get().max(0) as u32
+}
+
+/// See [`SOURCE_TIMEOUT`].
+pub fn source_timeout() -> Duration {
+    Duration::from_secs(SOURCE_TIMEOUT.get().max(1) as u64)
+}
+
+/// See [`LONG_TRANSACTION_SECONDS`].
+pub fn long_transaction_seconds() -> u32 {
+    LONG_TRANSACTION_SECONDS.get().max(1) as u32
+}

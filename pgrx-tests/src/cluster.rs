@@ -3,7 +3,7 @@
 //!
 //! Life of a cluster:
 //! ```text
-//! builder ──start()──> fresh Workdir ─> copy of the initdb template ─> postgresql.conf, pg_hba.conf
+//! builder ──start()──> fresh Workdir ─> initdb ─> postgresql.conf, pg_hba.conf
 //!   ─> pg_ctl start -w on a free port (a new port on a bind clash) ─> CREATE EXTENSION (destination)
 //!   ─> init_sql ─> Cluster ──drop──> pg_ctl stop -m immediate ─> directory removed
 //!                                    (kept, with a note on stderr, if the thread is panicking)
@@ -21,7 +21,7 @@ use postgres::types::FromSqlOwned;
 use postgres::{Client, NoTls};
 
 use crate::pgbin::{chown_to_server, pg_command, run};
-use crate::workdir::{copy_template, Workdir};
+use crate::workdir::{init_data_dir, Workdir};
 
 /// The superuser initdb creates; the harness always connects as it over the socket.
 const SUPERUSER: &str = "postgres";
@@ -107,7 +107,7 @@ impl ClusterBuilder {
         let workdir = Workdir::create(&self.name);
         let data_dir = workdir.path.join("data");
         let log_file = workdir.path.join("postgres.log");
-        copy_template(&data_dir);
+        init_data_dir(&data_dir);
         self.write_conf(&data_dir, &workdir.socket_dir);
         self.write_hba(&data_dir);
         let port = start_server(&self.name, &data_dir, &log_file, free_port);
@@ -533,7 +533,7 @@ mod tests {
         let builder = ClusterBuilder::source("clash");
         let data_dir = workdir.path.join("data");
         let log_file = workdir.path.join("postgres.log");
-        copy_template(&data_dir);
+        init_data_dir(&data_dir);
         builder.write_conf(&data_dir, &workdir.socket_dir);
         builder.write_hba(&data_dir);
         // Someone else listens on the first port offered.

@@ -1,10 +1,9 @@
-//! The harness's files: one base directory, a fresh directory per cluster, a per-process initdb
-//! template, and the reaping of what a killed test run left behind.
+//! The harness's files: one base directory, a fresh directory per cluster (each with its own
+//! initdb), and the reaping of what a killed test run left behind.
 //!
 //! Layout of the base (`$CLOUDMIG_E2E_DIR`, else `<tmp>/cloudmig-e2e`):
 //! ```text
 //! <name>-<pid>-<n>/   one cluster: owner (pid), data/, postgres.log, s/ (socket), KEPT after a panic
-//! template-<pid>/     initdb'd once per process and copied for every cluster (cheaper than initdb)
 //! ```
 //! Invariants: a directory whose owner pid is alive belongs to that process and no other process
 //! touches it; a directory is never reused (names that exist are skipped), so a new run never sees
@@ -99,12 +98,24 @@ impl Drop for Workdir {
     }
 }
 
-/// Copies the per-process initdb template to `data_dir` (which must not exist yet).
-pub(crate) fn copy_template(data_dir: &Path) {
-    // `cp -a` keeps modes (PostgreSQL insists on 0700) and, as root, the server user's ownership.
-    let mut cp = std::process::Command::new("cp");
-    cp.arg("-a").arg(template()).arg(data_dir);
-    run(&mut cp).unwrap_or_else(|e| panic!("cannot copy the initdb template: {e}"));
+/// Creates a fresh cluster in `data_dir` (which must not exist yet) with initdb.
+///
+/// Each cluster gets its own initdb, not a copy of a shared one: a copy would share the
+/// template's system identifier, and cloudmig tells a source from its destination by it.
+pub(crate) fn init_data_dir(data_dir: &Path) {
+    // -N: no fsync of the new files, test clusters are disposable; C locale for stable messages.
+    let mut initdb = pg_command("initdb");
+    initdb.arg("-D").arg(data_dir).args([
+        "-U",
+        "postgres",
+        "-A",
+        "trust",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "-N",
+    ]);
+    run(&mut initdb).unwrap_or_else(|e| panic!("initdb of {} failed: {e}", data_dir.display()));
 }
 
 /// The base directory, created on first use; the first call also reaps abandoned directories.
@@ -143,43 +154,6 @@ fn short_socket_dir(pid: u32, n: u32) -> PathBuf {
 fn socket_dir_for(cluster_dir: &Path) -> Option<PathBuf> {
     let dir = cluster_dir.join("s");
     (dir.as_os_str().len() <= MAX_SOCKET_DIR_LEN).then_some(dir)
-}
-
-/// initdb once per process into `<base>/template-<pid>/data`; removed at exit (or by the next run's
-/// reaper if this process is killed).
-fn template() -> &'static Path {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    extern "C" fn remove_template() {
-        if let Some(dir) = TEMPLATE.get().and_then(|data| data.parent()) {
-            let _ = fs::remove_dir_all(dir);
-        }
-    }
-    TEMPLATE.get_or_init(|| {
-        let pid = std::process::id();
-        let dir = base_dir().join(format!("template-{pid}"));
-        // Left by an earlier process with our pid (the reaper already stopped anything in it).
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        write_file(&dir.join(OWNER_FILE), &format!("{pid}\n"));
-        chown_to_server(&dir).unwrap_or_else(|e| panic!("cannot chown {}: {e}", dir.display()));
-        let data = dir.join("data");
-        // -N: no fsync of the new files, test clusters are disposable; C locale for stable messages.
-        let mut initdb = pg_command("initdb");
-        initdb.arg("-D").arg(&data).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "-N",
-        ]);
-        run(&mut initdb).unwrap_or_else(|e| panic!("initdb of the template failed: {e}"));
-        // SAFETY: registering a plain extern "C" fn without captured state is always sound.
-        unsafe { libc::atexit(remove_template) };
-        data
-    })
 }
 
 /// Stops servers and removes directories that dead processes left in `base` (a killed test run):

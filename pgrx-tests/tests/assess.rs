@@ -14,7 +14,6 @@ const MIGRATOR_SQL: &str = "
     CREATE ROLE migrator LOGIN REPLICATION CREATEROLE PASSWORD 's3cret-Pa55';
     GRANT pg_monitor TO migrator;
     GRANT pg_read_all_data TO migrator;
-    CREATE DATABASE app;
 ";
 
 /// pg_hba.conf of a source that wants SCRAM passwords over TCP.
@@ -30,6 +29,7 @@ fn prepared_source(name: &str) -> ClusterBuilder {
         .hba(SCRAM_HBA)
         .conf("max_slot_wal_keep_size = '1GB'")
         .init_sql(MIGRATOR_SQL)
+        .init_sql("CREATE DATABASE app")
 }
 
 fn destination(name: &str) -> Cluster {
@@ -225,8 +225,8 @@ fn unreachable_refused_and_silent_sources_are_told_apart() {
     drop(silent);
 
     // The destination's own checks still ran.
-    let (status, _, _) = check(&dest, id, "destination_is_empty");
-    assert_eq!(status, "pass");
+    let (status, detail, _) = check(&dest, id, "destination_is_empty");
+    assert_eq!(status, "pass", "{detail}");
 }
 
 #[test]
@@ -318,11 +318,12 @@ fn an_unprivileged_account_is_refused_what_it_lacks() {
         .init_sql(
             "SET password_encryption = 'scram-sha-256';
              CREATE ROLE plain LOGIN PASSWORD 'pw';
-             CREATE DATABASE app;
              CREATE SCHEMA hidden;
              CREATE TABLE hidden.payroll (id int PRIMARY KEY);
-             REVOKE CONNECT ON DATABASE app FROM PUBLIC;",
+",
         )
+        .init_sql("CREATE DATABASE app")
+        .init_sql("REVOKE CONNECT ON DATABASE app FROM PUBLIC")
         .start();
     let dest = destination("priv-dst");
     let id = assess(&dest, &source.tcp_conninfo("plain", Some("pw"), "postgres"));
@@ -453,8 +454,10 @@ fn things_that_need_a_plan_warn() {
         .init_sql(
             "CREATE TABLE public.no_key (a int);
              CREATE UNLOGGED TABLE public.scratch (id int PRIMARY KEY);
-             SELECT lo_create(4242);
-             BEGIN; CREATE TABLE public.pending (id int PRIMARY KEY); PREPARE TRANSACTION 'tx_pending';",
+             SELECT lo_create(4242);",
+        )
+        .init_sql(
+            "BEGIN; CREATE TABLE public.pending (id int PRIMARY KEY); PREPARE TRANSACTION 'tx_pending';",
         )
         .start();
     let tablespace_dir = source.dir.join("tblspc");
@@ -474,21 +477,12 @@ fn things_that_need_a_plan_warn() {
         &source,
         "postgres",
         "SELECT bool_or(now() - xact_start > interval '1 second') FROM pg_stat_activity WHERE datname = 'app'",
-        "true",
+        "t",
         Duration::from_secs(30),
     );
-    let dest = destination("warn-dst");
-    dest.execute(
-        "postgres",
-        "ALTER SYSTEM SET cloudmig.long_transaction_seconds = 1; SELECT pg_reload_conf()",
-    );
-    poll_until(
-        &dest,
-        "postgres",
-        "SHOW cloudmig.long_transaction_seconds",
-        "1s",
-        Duration::from_secs(30),
-    );
+    let dest = ClusterBuilder::destination("warn-dst")
+        .conf("cloudmig.long_transaction_seconds = 1")
+        .start();
     let id = assess(
         &dest,
         &source.tcp_conninfo("migrator", Some(PASSWORD), "postgres"),
@@ -539,10 +533,7 @@ fn things_that_need_a_plan_warn() {
         "warnings alone do not fail an assessment"
     );
     idle.batch_execute("ROLLBACK").unwrap();
-    source.execute(
-        "postgres",
-        "ROLLBACK PREPARED 'tx_pending'; DROP TABLESPACE fast",
-    );
+    // The prepared transaction and the tablespace go with the cluster.
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use cloudmig_e2e::postgres::error::SqlState;
 use cloudmig_e2e::postgres::{Client, NoTls};
-use cloudmig_e2e::{pg_command, poll_until, sharedir, Cluster, ClusterBuilder};
+use cloudmig_e2e::{pg_command, poll_until, Cluster, ClusterBuilder};
 
 /// Generous: two cores shared by every test of the run.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,17 +55,6 @@ fn two_sources_start_in_parallel() {
 
 #[test]
 fn destination_preloads_and_creates_the_extension() {
-    // TEMPORARY GUARD: skipped until the cloudmig extension is installed into this PostgreSQL
-    // (cargo pgrx install) by the build; remove this check once CI installs it first.
-    let control = sharedir().join("extension").join("cloudmig.control");
-    if !control.exists() {
-        eprintln!(
-            "SKIPPED destination_preloads_and_creates_the_extension: {} does not exist \
-             (cloudmig is not installed; temporary guard)",
-            control.display()
-        );
-        return;
-    }
     let dst = ClusterBuilder::destination("dst-smoke").start();
     assert_eq!(
         dst.query_scalar::<String>("postgres", "SHOW shared_preload_libraries"),

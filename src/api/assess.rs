@@ -9,6 +9,7 @@ use super::secrecy::hide_statement_text;
 use crate::assess::checks::{self, Limits};
 use crate::assess::source_facts::{self, GatherOptions, SourceSurvey};
 use crate::assess::{destination_facts, CheckStatus, Report};
+use crate::catalog::as_extension_owner;
 use crate::catalog::assessments::{self, NewAssessment};
 use crate::guc;
 use crate::source::ConnInfo;
@@ -34,11 +35,8 @@ fn parse_options(options: &serde_json::Value) -> Result<AssessOptions, ApiError>
             "options must be a JSON object".into(),
         ));
     }
-    let parsed: AssessOptions = serde_json::from_value(options.clone()).map_err(|e| {
-        ApiError::InvalidOptions(format!(
-            "{e} (known options: copy_workers, disk_headroom_percent)"
-        ))
-    })?;
+    let parsed: AssessOptions = serde_json::from_value(options.clone())
+        .map_err(|e| ApiError::InvalidOptions(e.to_string()))?;
     if parsed.copy_workers == Some(0) {
         return Err(ApiError::InvalidOptions(
             "copy_workers must be at least 1".into(),
@@ -108,7 +106,10 @@ fn assess(source: &str, options: default!(JsonB, "'{}'")) -> i64 {
             .collect(),
         _ => BTreeSet::new(),
     };
-    let destination = destination_facts::gather(&locale_names);
+    // Some of these facts (shared_preload_libraries, replication origins)
+    // are superuser-only reads; a cloudmig_admin gets the same assessment as
+    // a superuser, so they are read with the extension owner's rights.
+    let destination = as_extension_owner(|| destination_facts::gather(&locale_names));
     let limits = Limits {
         copy_workers: parsed.copy_workers.unwrap_or_else(guc::copy_workers),
         disk_headroom_percent: parsed

@@ -58,14 +58,11 @@ mod tests {
         let _ = Spi::get_one::<i64>("SELECT cloudmig.assess('host=x', '[]')");
     }
 
-    #[pg_test]
+    #[pg_test(
+        error = "invalid options: unknown field `copy_worker`, expected `copy_workers` or `disk_headroom_percent`"
+    )]
     fn a_typo_in_options_is_named() {
-        let result = std::panic::catch_unwind(|| {
-            Spi::get_one::<i64>("SELECT cloudmig.assess('host=x', '{\"copy_worker\": 2}')")
-        });
-        assert!(result.is_err(), "an unknown option must be refused");
-        let refused = Spi::get_one::<i64>("SELECT count(*) FROM cloudmig.assessments");
-        assert_eq!(refused, Ok(Some(0)));
+        let _ = Spi::get_one::<i64>("SELECT cloudmig.assess('host=x', '{\"copy_worker\": 2}')");
     }
 
     #[pg_test]

@@ -983,7 +983,7 @@ fn tables_without_replica_identity(source: &SourceFacts) -> CheckResult {
                 name_list(&tables, LIST_LIMIT)
             ),
             "add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (slower to apply), \
-             before starting; the migration will not start until each is handled",
+             before starting",
         )
     }
 }
@@ -1391,7 +1391,7 @@ mod tests {
         dest.max_worker_processes = 4; // 3 free: launcher + 2 apply, no copy worker
         let report = judge(healthy_source(), &dest);
         assert_eq!(check(&report, "destination_worker_capacity").status, Fail);
-        dest.max_worker_processes = 6; // 5 free: essential + 1 copy worker
+        dest.max_worker_processes = 5; // 4 free: essential + 1 copy worker
         let report = judge(healthy_source(), &dest);
         assert_eq!(check(&report, "destination_worker_capacity").status, Warn);
         dest.max_replication_origins = 1;

@@ -13,7 +13,6 @@ const SAMPLE_DATA: &str = "
     CREATE ROLE migrator LOGIN REPLICATION CREATEROLE PASSWORD 'demo-password';
     GRANT pg_monitor, pg_read_all_data TO migrator;
     CREATE ROLE app_owner LOGIN PASSWORD 'app-password';
-    CREATE DATABASE shop OWNER app_owner;
 ";
 
 const SHOP_DATA: &str = "
@@ -38,6 +37,7 @@ fn main() {
         ])
         .conf("max_slot_wal_keep_size = '1GB'")
         .init_sql(SAMPLE_DATA)
+        .init_sql("CREATE DATABASE shop OWNER app_owner")
         .start();
     source.execute("shop", SHOP_DATA);
     let destination = ClusterBuilder::destination("demo-destination").start();

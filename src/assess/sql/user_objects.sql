@@ -1,6 +1,7 @@
 -- Objects a user created in the current database: everything in a
--- non-system schema that no extension owns, plus the schemas themselves
--- (but "public"). Returns how many there are and the first few by name.
+-- non-system schema that no extension owns (an index counts as its table's),
+-- plus the schemas themselves but "public" and cloudmig's own. Returns how
+-- many there are and the first few by name.
 WITH objects AS (
     SELECT format('%s %I.%I',
                   CASE c.relkind WHEN 'r' THEN 'table' WHEN 'p' THEN 'table'
@@ -16,7 +17,9 @@ WITH objects AS (
        AND c.relkind <> 'c'
        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                         WHERE d.classid = 'pg_catalog.pg_class'::regclass
-                          AND d.objid = c.oid AND d.deptype = 'e')
+                          AND d.objid = coalesce((SELECT i.indrelid FROM pg_catalog.pg_index i
+                                                   WHERE i.indexrelid = c.oid), c.oid)
+                          AND d.deptype = 'e')
     UNION ALL
     SELECT format('function %I.%I', n.nspname, p.proname)
       FROM pg_catalog.pg_proc p
@@ -40,6 +43,8 @@ WITH objects AS (
       FROM pg_catalog.pg_namespace n
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'public')
        AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'
+       AND n.oid NOT IN (SELECT e.extnamespace FROM pg_catalog.pg_extension e
+                          WHERE e.extname = 'cloudmig')
        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                         WHERE d.classid = 'pg_catalog.pg_namespace'::regclass
                           AND d.objid = n.oid AND d.deptype = 'e')

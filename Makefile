@@ -28,7 +28,7 @@ unit: setup
 	cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_TEST_PGDATA)
 
 e2e: install
-	cargo test -p cloudmig-e2e -- --test-threads=2
+	cargo test -p cloudmig-e2e --tests -- --test-threads=2
 
 test: lint unit e2e
 

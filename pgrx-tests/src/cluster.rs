@@ -34,7 +34,7 @@ const PG_CTL_TIMEOUT: &str = "60";
 /// Lines of server log shown in panic messages.
 const LOG_TAIL_LINES: usize = 40;
 /// Always first in pg_hba.conf: the harness's own superuser access over the socket.
-const HARNESS_HBA: &str = "local all postgres trust";
+const HARNESS_HBA: &str = "local all postgres trust\nlocal replication postgres trust";
 /// pg_hba.conf when the test does not call [`ClusterBuilder::hba`].
 const DEFAULT_HBA: [&str; 3] = [
     "local all all trust",
@@ -208,6 +208,51 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A streaming standby of this cluster (pg_basebackup -R over the socket), started and
+    /// caught up enough to accept read-only connections.
+    pub fn standby(&self, name: &str) -> Cluster {
+        let workdir = Workdir::create(name);
+        let data_dir = workdir.path.join("data");
+        let log_file = workdir.path.join("postgres.log");
+        let mut basebackup = pg_command("pg_basebackup");
+        basebackup
+            .arg("-D")
+            .arg(&data_dir)
+            .arg("-h")
+            .arg(&self.socket_dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+            ]);
+        run(&mut basebackup)
+            .unwrap_or_else(|e| panic!("pg_basebackup of {} failed: {e}", self.name));
+        // The copied postgresql.conf names the primary's socket directory: use our own.
+        let socket_dir = workdir.socket_dir.to_string_lossy().replace('\'', "''");
+        let path = data_dir.join("postgresql.conf");
+        let result = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(format!("unix_socket_directories = '{socket_dir}'\n").as_bytes())
+            });
+        result.unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        let port = start_server(name, &data_dir, &log_file, free_port);
+        Cluster {
+            name: name.to_owned(),
+            port,
+            socket_dir: workdir.socket_dir.clone(),
+            data_dir,
+            log_file,
+            dir: workdir.path.clone(),
+            _workdir: workdir,
+        }
+    }
+
     /// A new connection as superuser `postgres` over the Unix socket; panics with the log tail.
     pub fn client(&self, db: &str) -> Client {
         self.try_client(db).unwrap_or_else(|e| {

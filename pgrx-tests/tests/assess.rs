@@ -600,6 +600,56 @@ fn destination_capacity_and_disk_are_checked() {
 }
 
 #[test]
+fn a_standby_destination_is_refused() {
+    let source = prepared_source("stby-src").start();
+    let primary = destination("stby-primary");
+    let standby = primary.standby("stby-standby");
+    let conninfo = source.tcp_conninfo("migrator", Some(PASSWORD), "postgres");
+    let refused = standby
+        .client("postgres")
+        .query("SELECT cloudmig.assess($1)", &[&conninfo]);
+    assert_eq!(sqlstate(refused), "25006");
+    // The primary it follows is fine.
+    let id = assess(&primary, &conninfo);
+    assert_check(
+        &primary,
+        id,
+        "destination_is_primary",
+        "pass",
+        "primary",
+        "",
+    );
+}
+
+#[test]
+fn too_few_source_connections_fail() {
+    let source = prepared_source("conn-src")
+        .conf("max_connections = 8")
+        .conf("superuser_reserved_connections = 3")
+        .start();
+    let dest = destination("conn-dst");
+    let conninfo = source.tcp_conninfo("migrator", Some(PASSWORD), "postgres");
+    let id = assess_with(&dest, &conninfo, r#"{"copy_workers": 8}"#);
+    assert_check(
+        &dest,
+        id,
+        "source_connection_capacity",
+        "fail",
+        "max_connections = 8, 3 reserved",
+        "max_connections",
+    );
+    let id = assess_with(&dest, &conninfo, r#"{"copy_workers": 2}"#);
+    assert_check(
+        &dest,
+        id,
+        "source_connection_capacity",
+        "pass",
+        "the copy needs 3",
+        "",
+    );
+}
+
+#[test]
 fn the_destination_is_refused_as_its_own_source() {
     let dest = destination("self-dst");
     let id = assess(&dest, &dest.tcp_conninfo("postgres", None, "postgres"));

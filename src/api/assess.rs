@@ -71,6 +71,12 @@ fn assess(source: &str, options: default!(JsonB, "'{}'")) -> i64 {
     let options_value = options.0;
     let parsed = parse_options(&options_value).or_raise();
     let info = ConnInfo::parse(source).or_raise();
+    // The assessment is stored here, so a standby cannot even record its
+    // own destination_is_primary failure: refuse before touching the source.
+    // SAFETY: reads shared recovery state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        ApiError::DestinationIsStandby.raise();
+    }
     let superuser = caller_is_superuser();
     if info.passfile.is_some() && !superuser && !caller_has_role(c"pg_read_server_files") {
         ApiError::PassfileNotAllowed.raise();

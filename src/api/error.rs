@@ -18,6 +18,8 @@ pub enum ApiError {
     PassfileNotAllowed,
     #[error("the source did not ask for a password")]
     PasswordNotRequested,
+    #[error("cloudmig cannot run on a standby: this instance is in recovery")]
+    DestinationIsStandby,
     #[error("another assessment is running (backend pid {0})")]
     AssessmentRunning(i32),
     #[error("could not record the assessment: {0}")]
@@ -35,6 +37,7 @@ impl ApiError {
             }
             ApiError::PassfileNotAllowed => ERRCODE_INSUFFICIENT_PRIVILEGE,
             ApiError::PasswordNotRequested => ERRCODE_S_R_E_PROHIBITED_SQL_STATEMENT_ATTEMPTED,
+            ApiError::DestinationIsStandby => ERRCODE_READ_ONLY_SQL_TRANSACTION,
             ApiError::AssessmentRunning(_) => ERRCODE_OBJECT_IN_USE,
             ApiError::Catalog(_) => ERRCODE_INTERNAL_ERROR,
             ApiError::Source(_) => ERRCODE_CONNECTION_FAILURE,
@@ -57,6 +60,11 @@ impl ApiError {
             ApiError::PasswordNotRequested => Some(
                 "Non-superusers may only use sources that authenticate them with a password: \
                  configure the source's pg_hba.conf with scram-sha-256 or md5 for this account."
+                    .into(),
+            ),
+            ApiError::DestinationIsStandby => Some(
+                "A migration writes into its destination: install cloudmig on the primary and \
+                 run it there."
                     .into(),
             ),
             ApiError::AssessmentRunning(_) => {

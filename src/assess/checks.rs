@@ -964,52 +964,41 @@ fn encodings_and_locales(source: &SourceFacts, dest: &DestinationFacts) -> Check
 }
 
 fn tables_without_replica_identity(source: &SourceFacts) -> CheckResult {
-    let name = "tables_without_replica_identity";
     let tables = per_database(source, |d| {
         d.contents
             .as_ref()
             .map(|c| c.without_identity.clone())
             .unwrap_or_default()
     });
-    if tables.is_empty() {
-        CheckResult::pass(name, "every table has a primary key or a replica identity")
-    } else {
-        CheckResult::warn(
-            name,
-            format!(
-                "{} table(s) have no primary key or replica identity: {}; once the migration \
-                 publishes them, the source refuses UPDATE and DELETE on them",
-                tables.len(),
-                name_list(&tables, LIST_LIMIT)
-            ),
-            "add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (slower to apply), \
-             before starting",
-        )
-    }
+    warn_if_any(
+        "tables_without_replica_identity",
+        &tables,
+        "every table has a primary key or a replica identity",
+        &format!(
+            "{} table(s) have no primary key or replica identity",
+            tables.len()
+        ),
+        "once the migration publishes them, the source refuses UPDATE and DELETE on them",
+        "add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (slower to apply), before \
+         starting",
+    )
 }
 
 fn unlogged_tables(source: &SourceFacts) -> CheckResult {
-    let name = "unlogged_tables";
     let tables = per_database(source, |d| {
         d.contents
             .as_ref()
             .map(|c| c.unlogged.clone())
             .unwrap_or_default()
     });
-    if tables.is_empty() {
-        CheckResult::pass(name, "no unlogged tables")
-    } else {
-        CheckResult::warn(
-            name,
-            format!(
-                "{} unlogged table(s): {}; their contents are copied once, later changes are not \
-                 replicated",
-                tables.len(),
-                name_list(&tables, LIST_LIMIT)
-            ),
-            "ALTER TABLE ... SET LOGGED before starting, or reload these tables after the switchover",
-        )
-    }
+    warn_if_any(
+        "unlogged_tables",
+        &tables,
+        "no unlogged tables",
+        &format!("{} unlogged table(s)", tables.len()),
+        "their contents are copied once, later changes are not replicated",
+        "ALTER TABLE ... SET LOGGED before starting, or reload these tables after the switchover",
+    )
 }
 
 fn large_objects(source: &SourceFacts) -> CheckResult {
@@ -1037,55 +1026,64 @@ fn large_objects(source: &SourceFacts) -> CheckResult {
     }
 }
 
-fn long_transactions(source: &SourceFacts) -> CheckResult {
-    let name = "long_transactions";
-    if source.long_transactions.is_empty() {
-        CheckResult::pass(name, "no long-running transactions")
+/// A warning that lists `items` (the check passes when there are none):
+/// `what` introduces the list, `why` says what it means for the migration.
+fn warn_if_any(
+    name: &'static str,
+    items: &[String],
+    none: &str,
+    what: &str,
+    why: &str,
+    fix: &str,
+) -> CheckResult {
+    if items.is_empty() {
+        CheckResult::pass(name, none)
     } else {
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!("; {why}")
+        };
         CheckResult::warn(
             name,
-            format!(
-                "long-running transactions: {}; creating the migration's replication slot waits \
-                 for them to end",
-                name_list(&source.long_transactions, LIST_LIMIT)
-            ),
-            "let them finish or end them (SELECT pg_terminate_backend(<pid>)) before starting",
+            format!("{what}: {}{why}", name_list(items, LIST_LIMIT)),
+            fix,
         )
     }
+}
+
+fn long_transactions(source: &SourceFacts) -> CheckResult {
+    warn_if_any(
+        "long_transactions",
+        &source.long_transactions,
+        "no long-running transactions",
+        "long-running transactions",
+        "creating the migration's replication slot waits for them to end",
+        "let them finish or end them (SELECT pg_terminate_backend(<pid>)) before starting",
+    )
 }
 
 fn prepared_transactions(source: &SourceFacts) -> CheckResult {
-    let name = "prepared_transactions";
-    if source.prepared_transactions.is_empty() {
-        CheckResult::pass(name, "no prepared transactions")
-    } else {
-        CheckResult::warn(
-            name,
-            format!(
-                "prepared transactions: {}; the replication slot cannot be created while they \
-                 are open",
-                name_list(&source.prepared_transactions, LIST_LIMIT)
-            ),
-            "COMMIT PREPARED or ROLLBACK PREPARED them before starting",
-        )
-    }
+    warn_if_any(
+        "prepared_transactions",
+        &source.prepared_transactions,
+        "no prepared transactions",
+        "prepared transactions",
+        "the replication slot cannot be created while they are open",
+        "COMMIT PREPARED or ROLLBACK PREPARED them before starting",
+    )
 }
 
 fn tablespaces(source: &SourceFacts) -> CheckResult {
-    let name = "tablespaces";
-    if source.tablespaces.is_empty() {
-        CheckResult::pass(name, "only the default tablespaces")
-    } else {
-        CheckResult::warn(
-            name,
-            format!(
-                "non-default tablespaces: {}",
-                name_list(&source.tablespaces, LIST_LIMIT)
-            ),
-            "create tablespaces with the same names on the destination before starting; objects \
-             in a tablespace that does not exist here go to the default tablespace",
-        )
-    }
+    warn_if_any(
+        "tablespaces",
+        &source.tablespaces,
+        "only the default tablespaces",
+        "non-default tablespaces",
+        "",
+        "create tablespaces with the same names on the destination before starting; objects in a \
+         tablespace that does not exist here go to the default tablespace",
+    )
 }
 
 /// An identifier as a DBA would type it in a fix text: quoted only when it

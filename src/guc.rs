@@ -24,6 +24,16 @@ static SOURCE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// creating the replication slot waits for such transactions to end.
 static LONG_TRANSACTION_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(300);
 
+/// Directory of the pg_dump and pg_dumpall to run; empty means the directory
+/// of this server's own binaries (same major version, as pg_dump requires).
+static PG_BIN_DIR: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(None);
+
+/// The database the launcher watches for tasks: where `CREATE EXTENSION
+/// cloudmig` ran (as pg_cron's cron.database_name).
+static DATABASE: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(Some(c"postgres"));
+
 /// Registers every setting; called once from `_PG_init`.
 pub fn register() {
     GucRegistry::define_int_guc(
@@ -66,6 +76,22 @@ pub fn register() {
         GucContext::Suset,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_string_guc(
+        c"cloudmig.pg_bin_dir",
+        c"Directory of the pg_dump and pg_dumpall that cloudmig runs.",
+        c"Empty: the directory of this server's own binaries.",
+        &PG_BIN_DIR,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"cloudmig.database",
+        c"Database in which cloudmig is installed and whose tasks the launcher runs.",
+        c"The launcher connects to it at server start.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
     // SAFETY: called from _PG_init, on the main thread, with a static name.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"cloudmig".as_ptr()) };
 }
@@ -88,4 +114,20 @@ pub fn source_timeout() -> Duration {
 /// See [`LONG_TRANSACTION_SECONDS`].
 pub fn long_transaction_seconds() -> u32 {
     LONG_TRANSACTION_SECONDS.get().max(1) as u32
+}
+
+/// See [`PG_BIN_DIR`]; None when unset or empty.
+pub fn pg_bin_dir() -> Option<String> {
+    PG_BIN_DIR
+        .get()
+        .map(|dir| dir.to_string_lossy().into_owned())
+        .filter(|dir| !dir.trim().is_empty())
+}
+
+/// See [`DATABASE`].
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .map(|db| db.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "postgres".to_string())
 }

@@ -9,7 +9,9 @@
 //! |------------|------------------------------------------------------------------|
 //! | `api`      | the SQL functions, thin: validate, call below, map errors        |
 //! | `assess`   | the feasibility checks: facts gathered, then judged              |
-//! | `catalog`  | typed access to cloudmig's own tables                            |
+//! | `catalog`  | typed access to cloudmig's own tables; the task phase machine    |
+//! | `copy`     | table data, sequences, large objects: source to local tables     |
+//! | `schema`   | pg_dump/pg_dumpall: running them, applying their output here     |
 //! | `source`   | the wire client for the source server (plain Rust, no pgrx)      |
 //! | `worker`   | background workers and the shared memory they report through     |
 //! | `guc`      | every setting, with its documentation                            |
@@ -20,13 +22,16 @@ use pgrx::prelude::*;
 pub mod api;
 pub mod assess;
 pub mod catalog;
+pub mod copy;
 pub mod guc;
+pub mod schema;
 pub mod source;
 pub mod worker;
 
 ::pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
+pgrx::extension_sql_file!("../sql/tasks.sql", name = "tasks", requires = ["catalog"]);
 
 /// Called when the library is loaded. cloudmig keeps live state in shared
 /// memory and (for resumable migrations) a launcher worker, both of which can
@@ -48,6 +53,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     guc::register();
     worker::shared::init();
+    worker::launcher::register();
 }
 
 /// Hooks for `cargo pgrx test`: its throwaway cluster must preload us, as a

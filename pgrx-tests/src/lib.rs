@@ -2,7 +2,8 @@
 //!
 //! It owns the life of real PostgreSQL clusters started for tests: a *source* (wal_level=logical)
 //! and a *destination* (cloudmig preloaded and created), a SQL client for each, and
-//! [`poll_until`] to wait for an asynchronous outcome instead of sleeping.
+//! [`poll_until`] to wait for an asynchronous outcome instead of sleeping; [`compare`] tells
+//! whether a destination holds what its source does, and [`fixture`] loads test data.
 //!
 //! Invariants:
 //! - every server the harness starts is stopped by [`Cluster`]'s `Drop`, also when a test panics;
@@ -15,11 +16,19 @@
 //! `CLOUDMIG_E2E_DIR` (base directory, default `<tmp>/cloudmig-e2e`).
 
 mod cluster;
+pub mod compare;
+pub mod fixture;
 mod pgbin;
 mod poll;
 mod workdir;
 
 pub use cluster::{Cluster, ClusterBuilder};
+pub use compare::{
+    assert_same_data, assert_same_database_properties, assert_same_instance,
+    assert_same_large_objects, assert_same_role_passwords, assert_same_roles, assert_same_schema,
+    assert_same_sequences, Mismatch,
+};
+pub use fixture::{copy_with_pg_dump, load_rich_source, psql_script};
 pub use pgbin::{bindir, chown_to_server, pg_command, sharedir};
 pub use poll::poll_until;
 /// The SQL client crate, re-exported so scenario tests use the very version the harness returns.

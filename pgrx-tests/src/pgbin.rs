@@ -5,7 +5,7 @@
 //! and the directories it writes are chowned to that user; otherwise programs run as ourselves.
 
 use std::ffi::{CString, OsStr};
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -95,6 +95,37 @@ pub(crate) fn run(cmd: &mut Command) -> Result<Output, String> {
         .stderr(Stdio::piped())
         .output()
         .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Runs `cmd` to completion with `input` on its stdin (written from another thread, so a
+/// program that answers while it reads cannot deadlock on a full pipe); `Err` as [`run`] does.
+pub(crate) fn run_with_input(cmd: &mut Command, input: &[u8]) -> Result<Output, String> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let mut stdin = child.stdin.take().expect("stdin was piped");
+    let out = std::thread::scope(|scope| {
+        // A program that fails early closes its stdin: the write error is expected then, and the
+        // exit status below tells what happened.
+        scope.spawn(move || {
+            let _ = stdin.write_all(input);
+        });
+        child.wait_with_output()
+    })
+    .map_err(|e| format!("cannot wait for {cmd:?}: {e}"))?;
     if out.status.success() {
         Ok(out)
     } else {

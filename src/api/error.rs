@@ -22,7 +22,35 @@ pub enum ApiError {
     DestinationIsStandby,
     #[error("another assessment is running (backend pid {0})")]
     AssessmentRunning(i32),
-    #[error("could not record the assessment: {0}")]
+    #[error("assessment {0} does not exist")]
+    UnknownAssessment(i64),
+    #[error("assessment {0} did not pass")]
+    AssessmentFailed(i64),
+    #[error("task {0} is still active")]
+    TaskActive(i64),
+    #[error("the source is no longer the instance assessment {assessment} checked (system identifier {found}, expected {expected})")]
+    SourceChanged {
+        assessment: i64,
+        expected: String,
+        found: String,
+    },
+    #[error("task {0} does not exist")]
+    UnknownTask(i64),
+    #[error("the worker of task {0} (pid {1}) did not stop within 60 seconds")]
+    WorkerBusy(i64, i32),
+    #[error("task {task} is {phase}: {error}")]
+    TaskStopped {
+        task: i64,
+        phase: String,
+        error: String,
+    },
+    #[error("task {task} did not reach {target} in time (it is in {now})")]
+    WaitTimeout {
+        task: i64,
+        target: String,
+        now: String,
+    },
+    #[error("catalog access failed: {0}")]
     Catalog(String),
     #[error("{0}")]
     Source(#[from] SourceError),
@@ -39,6 +67,13 @@ impl ApiError {
             ApiError::PasswordNotRequested => ERRCODE_S_R_E_PROHIBITED_SQL_STATEMENT_ATTEMPTED,
             ApiError::DestinationIsStandby => ERRCODE_READ_ONLY_SQL_TRANSACTION,
             ApiError::AssessmentRunning(_) => ERRCODE_OBJECT_IN_USE,
+            ApiError::UnknownAssessment(_) | ApiError::UnknownTask(_) => ERRCODE_UNDEFINED_OBJECT,
+            ApiError::AssessmentFailed(_) | ApiError::SourceChanged { .. } => {
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            ApiError::TaskActive(_) | ApiError::WorkerBusy(..) => ERRCODE_OBJECT_IN_USE,
+            ApiError::TaskStopped { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            ApiError::WaitTimeout { .. } => ERRCODE_QUERY_CANCELED,
             ApiError::Catalog(_) => ERRCODE_INTERNAL_ERROR,
             ApiError::Source(_) => ERRCODE_CONNECTION_FAILURE,
         }
@@ -70,6 +105,25 @@ impl ApiError {
             ApiError::AssessmentRunning(_) => {
                 Some("Wait for it to finish (see cloudmig.instance_status) and try again.".into())
             }
+            ApiError::UnknownAssessment(_) => {
+                Some("See cloudmig.assessments; run cloudmig.assess() first.".into())
+            }
+            ApiError::AssessmentFailed(id) => Some(format!(
+                "Fix the failed checks (SELECT name, detail, fix FROM cloudmig.assessment_report \
+                 WHERE assessment_id = {id} AND status = 'fail') and assess again."
+            )),
+            ApiError::TaskActive(id) => Some(format!(
+                "Follow it in cloudmig.tasks, or stop it with SELECT cloudmig.cancel({id});"
+            )),
+            ApiError::SourceChanged { .. } => {
+                Some("Assess the source again and start from the new assessment.".into())
+            }
+            ApiError::UnknownTask(_) => Some("See cloudmig.tasks.".into()),
+            ApiError::WorkerBusy(..) => Some("Try again; see the server log.".into()),
+            ApiError::TaskStopped { task, .. } => Some(format!(
+                "See SELECT * FROM cloudmig.events WHERE task_id = {task};"
+            )),
+            ApiError::WaitTimeout { .. } => Some("Wait longer, or watch cloudmig.tasks.".into()),
             ApiError::Catalog(_) => None,
             ApiError::Source(error) => error.hint(),
         }

@@ -9,6 +9,7 @@ pub mod assess;
 pub mod error;
 pub mod secrecy;
 pub mod status;
+pub mod tasks;
 
 pgrx::extension_sql!(
     r#"
@@ -16,6 +17,75 @@ REVOKE ALL ON FUNCTION cloudmig.assess(text, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.assess(text, jsonb) TO cloudmig_admin;
 REVOKE ALL ON FUNCTION cloudmig.status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.status() TO cloudmig_admin;
+
+REVOKE ALL ON FUNCTION cloudmig.start(bigint, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cloudmig.start(bigint, jsonb) TO cloudmig_admin;
+REVOKE ALL ON FUNCTION cloudmig.cancel(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cloudmig.cancel(bigint) TO cloudmig_admin;
+REVOKE ALL ON FUNCTION cloudmig.wait(bigint, text, interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cloudmig.wait(bigint, text, interval) TO cloudmig_admin;
+REVOKE ALL ON FUNCTION cloudmig.live_copies() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cloudmig.live_copies() TO cloudmig_admin;
+
+CREATE VIEW cloudmig.table_progress AS
+SELECT t.task_id, t.datname AS database, t.schema_name, t.table_name, t.state,
+       coalesce(l.rows_copied, t.rows_copied) AS rows_copied,
+       coalesce(l.bytes_copied, t.bytes_copied) AS bytes_copied,
+       t.rows_estimated, t.bytes_total, t.sync_lsn, t.started_at, t.finished_at
+  FROM cloudmig.table_copy t
+  LEFT JOIN cloudmig.live_copies() l
+         ON l.task_id = t.task_id AND l.datname = t.datname
+        AND l.schema_name = t.schema_name AND l.table_name = t.table_name
+        AND t.state = 'copying';
+COMMENT ON VIEW cloudmig.table_progress IS 'per table: copy state, rows and bytes copied (live while copying)';
+
+CREATE VIEW cloudmig.tasks AS
+WITH per_table AS (
+    SELECT task_id,
+           count(*) AS tables_total,
+           count(*) FILTER (WHERE state IN ('copied', 'indexed')) AS tables_done,
+           sum(coalesce(rows_copied, 0)) AS rows_copied,
+           sum(coalesce(bytes_copied, 0)) AS bytes_copied,
+           sum(bytes_total) AS bytes_total,
+           -- Size already copied: whole tables done, plus the share of the
+           -- ones in flight by rows (bytes on the wire and on disk differ).
+           sum(CASE WHEN state IN ('copied', 'indexed') THEN bytes_total
+                    WHEN state = 'copying' AND rows_estimated > 0
+                    THEN bytes_total * least(coalesce(rows_copied, 0)::numeric / rows_estimated, 0.99)
+                    ELSE 0 END) AS bytes_done
+      FROM cloudmig.table_progress
+     GROUP BY task_id
+), per_database AS (
+    SELECT task_id, count(*) AS databases_total,
+           count(*) FILTER (WHERE state = 'post_data_applied') AS databases_done
+      FROM cloudmig.task_database
+     GROUP BY task_id
+)
+SELECT k.id AS task_id, k.assessment_id, k.source, k.phase, k.phase_since,
+       d.databases_total, d.databases_done,
+       coalesce(p.tables_total, 0) AS tables_total, coalesce(p.tables_done, 0) AS tables_done,
+       coalesce(p.rows_copied, 0) AS rows_copied, coalesce(p.bytes_copied, 0) AS bytes_copied,
+       coalesce(p.bytes_total, 0) AS bytes_total,
+       CASE WHEN k.phase = 'copy_complete' THEN 100.0
+            WHEN coalesce(p.bytes_total, 0) = 0 THEN 0.0
+            ELSE round(100.0 * p.bytes_done / p.bytes_total, 1) END AS percent,
+       CASE WHEN k.copy_started_at IS NOT NULL
+            THEN round(coalesce(p.bytes_copied, 0) / greatest(extract(epoch FROM
+                       coalesce(k.finished_at, pg_catalog.clock_timestamp()) - k.copy_started_at), 0.001))::bigint
+       END AS copy_rate_bytes_per_second,
+       CASE WHEN k.phase IN ('full_copy') AND p.bytes_done > 0 AND p.bytes_total > p.bytes_done
+            THEN (pg_catalog.clock_timestamp() - k.copy_started_at)
+                 * ((p.bytes_total - p.bytes_done) / p.bytes_done)::float8
+       END AS eta,
+       k.created_at, coalesce(k.finished_at, pg_catalog.clock_timestamp()) - k.created_at AS elapsed,
+       k.last_error, k.last_error_hint, k.last_error_at, k.worker_starts
+  FROM cloudmig.task k
+  LEFT JOIN per_table p ON p.task_id = k.id
+  LEFT JOIN per_database d ON d.task_id = k.id;
+COMMENT ON VIEW cloudmig.tasks IS 'one row per migration task: phase, progress, rate, ETA, last error';
+
+REVOKE ALL ON cloudmig.tasks, cloudmig.table_progress FROM PUBLIC;
+GRANT SELECT ON cloudmig.tasks, cloudmig.table_progress TO cloudmig_admin;
 
 CREATE VIEW cloudmig.instance_status AS SELECT * FROM cloudmig.status();
 COMMENT ON VIEW cloudmig.instance_status IS 'what cloudmig is doing on this instance right now';

@@ -362,3 +362,22 @@ fn names_of(rows: Vec<Row>) -> Vec<String> {
         .filter_map(|row| row.get("name").map(str::to_string))
         .collect()
 }
+
+/// A source database a migration would copy, with its size when readable.
+#[derive(Debug, Clone)]
+pub struct SourceDatabaseName {
+    pub name: String,
+    pub size_bytes: Option<i64>,
+}
+
+/// The databases a migration copies (as the assessment lists them), read now.
+pub fn database_names(connection: &mut Connection) -> Result<Vec<SourceDatabaseName>, SourceError> {
+    Ok(connection
+        .simple_query(DATABASES_SQL)?
+        .iter()
+        .map(|row| SourceDatabaseName {
+            name: row.get("datname").unwrap_or_default().to_string(),
+            size_bytes: row.get("size_bytes").and_then(|s| s.parse().ok()),
+        })
+        .collect())
+}

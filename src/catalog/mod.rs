@@ -6,6 +6,7 @@
 //! secrets table stays readable by the owner alone.
 
 pub mod assessments;
+pub mod tasks;
 
 use pgrx::prelude::*;
 
@@ -42,4 +43,20 @@ pub fn as_extension_owner<R>(body: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(previous_user, previous_context);
     body()
+}
+
+/// The first column of the first row of `query`, or None when it returns no
+/// row (pgrx's `Spi::get_one` treats "no row" as an error).
+pub fn first_value<T: pgrx::IntoDatum + pgrx::FromDatum>(
+    query: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Result<Option<T>, pgrx::spi::Error> {
+    Spi::connect(|client| {
+        let table = client.select(query, Some(1), args)?;
+        if table.is_empty() {
+            Ok(None)
+        } else {
+            table.first().get_one::<T>()
+        }
+    })
 }

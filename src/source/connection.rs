@@ -1,9 +1,10 @@
 //! A blocking connection to the source server: connecting (DNS, TCP or Unix socket),
-//! authenticating, the simple query protocol, and replication-mode commands.
+//! authenticating, the simple query protocol, and replication-mode commands. Streaming COPY
+//! lives in [`crate::source::copy_out`], slot commands in [`crate::source::replication`].
 //!
 //! Waiting: every wait (DNS, TCP connect, each read and write) is a loop of slices of at most
-//! [`POLL_INTERVAL`] that calls the caller's interrupt check before each slice and gives up at
-//! a deadline. Inside PostgreSQL the check is `CHECK_FOR_INTERRUPTS()`, which may unwind: we
+//! [`POLL_INTERVAL`] that calls the caller's interrupt check at least once per slice (before
+//! each slice for connects and writes; for reads, see below) and gives up at a deadline. Inside PostgreSQL the check is `CHECK_FOR_INTERRUPTS()`, which may unwind: we
 //! hold no global state, sockets are owned values closed on unwind, and a connection whose
 //! request was cut short is marked unusable (see below) rather than left out of step.
 //!
@@ -15,7 +16,15 @@
 //! Timeouts: the conninfo's `connect_timeout` bounds the DNS lookup, each TCP connect attempt,
 //! and the whole authentication exchange; [`ConnectOptions::io_timeout`] bounds each wait for
 //! the server after that, measured from the last bytes received (a long result that keeps
-//! streaming never times out).
+//! streaming never times out). Commands known to wait on the server for as long as it takes
+//! (`CREATE_REPLICATION_SLOT`, `DROP_REPLICATION_SLOT ... WAIT`) have no deadline at all, only
+//! the interrupt check.
+//!
+//! Reading: bytes go straight from the socket into the spare room of one growing buffer, and
+//! messages are split off it without copying (a COPY's data reaches the caller as slices of
+//! that buffer). A read blocks for at most the time until the next interrupt check is due, and
+//! the check runs whenever [`POLL_INTERVAL`] has passed since it last ran, so a fast stream
+//! pays for one check per 100 ms, not one per read or per message.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -27,7 +36,7 @@ use std::str::FromStr;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
@@ -45,8 +54,11 @@ pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_NOTICES: usize = 16;
 /// Largest total size of the rows one query may return; beyond it the query fails.
 const MAX_RESULT_BYTES: usize = 1 << 30;
-/// The read chunk size.
-const READ_CHUNK: usize = 16 * 1024;
+/// Room made in the read buffer before each read of an ordinary reply.
+pub(super) const READ_CHUNK: usize = 16 * 1024;
+/// Most room made at once for a large message whose header is buffered; beyond it the
+/// buffer grows as the bytes arrive.
+const MAX_UPFRONT_ROOM: usize = 64 * 1024 * 1024;
 
 /// A callback run at least every [`POLL_INTERVAL`] while waiting. Inside PostgreSQL it is
 /// `|| pgrx::check_for_interrupts!()`; it may panic to abort the wait.
@@ -226,6 +238,15 @@ impl Stream {
     }
 }
 
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -250,7 +271,7 @@ impl Write for Stream {
 
 /// How long a wait may last and what to call it when it times out.
 #[derive(Clone, Copy)]
-struct Budget {
+pub(super) struct Budget {
     phase: &'static str,
     /// A fixed deadline, or `None` for "`limit` after the last progress".
     deadline: Option<Instant>,
@@ -258,7 +279,7 @@ struct Budget {
 }
 
 impl Budget {
-    fn fixed(phase: &'static str, limit: Duration) -> Budget {
+    pub(super) fn fixed(phase: &'static str, limit: Duration) -> Budget {
         Budget {
             phase,
             deadline: Some(deadline_after(limit)),
@@ -266,7 +287,7 @@ impl Budget {
         }
     }
 
-    fn idle(phase: &'static str, limit: Duration) -> Budget {
+    pub(super) fn idle(phase: &'static str, limit: Duration) -> Budget {
         Budget {
             phase,
             deadline: None,
@@ -274,9 +295,24 @@ impl Budget {
         }
     }
 
+    /// No deadline (in practice: a year after the last progress); only the interrupt check
+    /// ends the wait. For commands that wait on the server for as long as it takes.
+    pub(super) fn unbounded(phase: &'static str) -> Budget {
+        Budget::idle(phase, Duration::MAX)
+    }
+
     fn deadline(&self) -> Instant {
         self.deadline.unwrap_or_else(|| deadline_after(self.limit))
     }
+}
+
+/// The read timeout for a wait of at most `limit`: whole 10 ms steps (so the socket option
+/// rarely changes while a stream flows), or whole milliseconds below 10 ms; never zero,
+/// which would mean "forever".
+fn read_slice(limit: Duration) -> Duration {
+    let ms = limit.as_millis().min(POLL_INTERVAL.as_millis());
+    let ms = if ms >= 10 { ms - ms % 10 } else { ms.max(1) };
+    Duration::from_millis(u64::try_from(ms).unwrap_or(1))
 }
 
 /// `now + limit`, saturating instead of overflowing for absurd limits.
@@ -313,6 +349,8 @@ pub struct Connection {
     replication: bool,
     io_timeout: Duration,
     interrupt_check: Option<InterruptCheck>,
+    /// When the interrupt check last ran (or the connection was opened).
+    last_check: Instant,
     notices: VecDeque<ServerError>,
     transaction_status: u8,
     ready: bool,
@@ -370,6 +408,7 @@ impl Connection {
             replication,
             io_timeout,
             interrupt_check,
+            last_check: Instant::now(),
             notices: VecDeque::new(),
             transaction_status: b'I',
             ready: false,
@@ -548,23 +587,25 @@ impl Connection {
     /// result sets. An `ErrorResponse` becomes [`SourceError::Server`] once the server is ready
     /// again, so the connection stays usable.
     pub fn simple_query(&mut self, sql: &str) -> Result<Vec<Row>, SourceError> {
-        self.run(sql, true).map(|(rows, _)| rows)
+        let budget = Budget::idle("query", self.io_timeout);
+        self.run(sql, true, budget).map(|(rows, _)| rows)
     }
 
     /// Runs one statement and returns its command tag (`CREATE TABLE`, `INSERT 0 1`...),
     /// discarding any rows.
     pub fn execute(&mut self, sql: &str) -> Result<String, SourceError> {
-        self.run(sql, false).map(|(_, tag)| tag)
+        let budget = Budget::idle("query", self.io_timeout);
+        self.run(sql, false, budget).map(|(_, tag)| tag)
     }
 
-    fn run(&mut self, sql: &str, keep_rows: bool) -> Result<(Vec<Row>, String), SourceError> {
-        self.ensure_ready()?;
-        let mut buf = BytesMut::new();
-        frontend::query(sql, &mut buf)
-            .map_err(|_| SourceError::Protocol("query contains a null byte".into()))?;
-        let budget = Budget::idle("query", self.io_timeout);
-        self.ready = false;
-        self.send(&buf, budget)?;
+    /// Runs one statement within `budget`: rows (when `keep_rows`) and the last command tag.
+    pub(super) fn run(
+        &mut self,
+        sql: &str,
+        keep_rows: bool,
+        budget: Budget,
+    ) -> Result<(Vec<Row>, String), SourceError> {
+        self.start_query(sql, budget)?;
 
         let mut rows = Vec::new();
         let mut result_bytes = 0usize;
@@ -615,14 +656,7 @@ impl Connection {
                 BackendMessage::NoticeResponse(n) => self.push_notice(n),
                 BackendMessage::ParameterStatus { name, value } => self.set_parameter(name, value),
                 BackendMessage::NotificationResponse => {}
-                BackendMessage::CopyInResponse => {
-                    // We have no data to send; failing the COPY makes the server answer with
-                    // an error and ReadyForQuery, keeping the connection in step.
-                    let mut fail = BytesMut::new();
-                    frontend::copy_fail("COPY FROM STDIN is not supported here", &mut fail)
-                        .map_err(|e| SourceError::Protocol(e.to_string()))?;
-                    self.send(&fail, budget)?;
-                }
+                BackendMessage::CopyInResponse => self.fail_copy_in(budget)?,
                 BackendMessage::CopyOutResponse => {
                     in_copy_out = true;
                     unsupported = Some("COPY TO STDOUT is not supported by simple_query");
@@ -749,6 +783,93 @@ impl Connection {
         drop(self);
     }
 
+    /// Sends a simple `Query`, first marking the connection busy: from here until the final
+    /// `ReadyForQuery` any early exit leaves it [`SourceError::Broken`].
+    pub(super) fn start_query(&mut self, sql: &str, budget: Budget) -> Result<(), SourceError> {
+        self.ensure_ready()?;
+        let mut buf = BytesMut::new();
+        frontend::query(sql, &mut buf)
+            .map_err(|_| SourceError::Protocol("query contains a null byte".into()))?;
+        self.ready = false;
+        self.send(&buf, budget)
+    }
+
+    /// Records the final `ReadyForQuery` of a request: the connection is in step again.
+    pub(super) fn finish_request(&mut self, status: u8) {
+        self.transaction_status = status;
+        self.ready = true;
+    }
+
+    /// Keeps a message that may arrive at any time (notice, parameter change, notification)
+    /// and returns `None`, or gives any other message back.
+    pub(super) fn absorb_async(&mut self, msg: BackendMessage) -> Option<BackendMessage> {
+        match msg {
+            BackendMessage::NoticeResponse(n) => self.push_notice(n),
+            BackendMessage::ParameterStatus { name, value } => self.set_parameter(name, value),
+            BackendMessage::NotificationResponse => {}
+            other => return Some(other),
+        }
+        None
+    }
+
+    /// Reads and discards the rest of a request's replies up to its `ReadyForQuery`, keeping
+    /// notices, failing any `COPY FROM STDIN` on the way, and returning the first non-fatal
+    /// `ErrorResponse` seen. Used to resynchronise after a reply we cannot use.
+    pub(super) fn drain_to_ready(
+        &mut self,
+        budget: Budget,
+    ) -> Result<Option<ServerError>, SourceError> {
+        let mut error = None;
+        loop {
+            let msg = self.read_message(budget)?;
+            match self.absorb_async(msg) {
+                None => {}
+                Some(BackendMessage::ReadyForQuery { status }) => {
+                    self.finish_request(status);
+                    return Ok(error);
+                }
+                Some(BackendMessage::ErrorResponse(e)) => {
+                    if e.severity == "FATAL" || e.severity == "PANIC" {
+                        return Err(SourceError::Server(Box::new(e)));
+                    }
+                    error.get_or_insert(e);
+                }
+                Some(BackendMessage::CopyInResponse) => self.fail_copy_in(budget)?,
+                // Cannot be drained: the stream never ends on its own.
+                Some(BackendMessage::CopyBothResponse) => {
+                    return Err(SourceError::Protocol(
+                        "unexpected CopyBothResponse while discarding a reply".into(),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Answers a `CopyInResponse` with `CopyFail`: we have no data to send, and failing the
+    /// COPY makes the server answer with an error and `ReadyForQuery`, keeping us in step.
+    pub(super) fn fail_copy_in(&mut self, budget: Budget) -> Result<(), SourceError> {
+        let mut fail = BytesMut::new();
+        frontend::copy_fail("COPY FROM STDIN is not supported here", &mut fail)
+            .map_err(|e| SourceError::Protocol(e.to_string()))?;
+        self.send(&fail, budget)
+    }
+
+    /// The next whole message as its tag and body, unparsed, reading with at least `room`
+    /// bytes of free buffer space (more for a message known to be larger).
+    pub(super) fn next_frame(
+        &mut self,
+        budget: Budget,
+        room: usize,
+    ) -> Result<(u8, Bytes), SourceError> {
+        loop {
+            if let Some(frame) = protocol::split_frame(&mut self.rbuf)? {
+                return Ok(frame);
+            }
+            self.fill(budget, room)?;
+        }
+    }
+
     fn ensure_ready(&self) -> Result<(), SourceError> {
         if self.ready {
             Ok(())
@@ -775,53 +896,88 @@ impl Connection {
 
     fn check_interrupts(&mut self) {
         run_check(&mut self.interrupt_check);
+        self.last_check = Instant::now();
     }
 
     /// Reads until one whole message is buffered, then parses it.
-    fn read_message(&mut self, budget: Budget) -> Result<BackendMessage, SourceError> {
-        loop {
-            if let Some((tag, body)) = protocol::split_frame(&mut self.rbuf)? {
-                return protocol::parse_message(tag, body);
-            }
-            self.fill(budget)?;
-        }
+    pub(super) fn read_message(&mut self, budget: Budget) -> Result<BackendMessage, SourceError> {
+        let (tag, body) = self.next_frame(budget, READ_CHUNK)?;
+        protocol::parse_message(tag, body)
     }
 
-    /// Reads at least one byte into the buffer, in slices of at most [`POLL_INTERVAL`].
-    fn fill(&mut self, budget: Budget) -> Result<(), SourceError> {
+    /// Reads at least one byte into the buffer, first making room for `room` bytes (or for
+    /// the rest of a partly buffered message, if larger).
+    ///
+    /// The interrupt check runs whenever [`POLL_INTERVAL`] has passed since it last ran (and
+    /// at once after a signal), and a read never blocks past the moment the next check is
+    /// due: so it runs at least every 100 ms while we wait, but a stream that keeps bytes
+    /// coming pays for one check per 100 ms, not one per read.
+    fn fill(&mut self, budget: Budget, room: usize) -> Result<(), SourceError> {
+        // Capped, so that five bytes announcing a huge message cannot make us allocate it.
+        let missing = protocol::frame_len(&self.rbuf)
+            .map_or(0, |len| len.saturating_sub(self.rbuf.len()))
+            .min(MAX_UPFRONT_ROOM);
+        // At least one byte of room: a zero-length read would look like end of file.
+        self.rbuf.reserve(room.max(missing).max(1));
         let deadline = budget.deadline();
-        let mut chunk = [0u8; READ_CHUNK];
+        let mut signalled = false;
         loop {
-            self.check_interrupts();
-            let now = Instant::now();
+            let mut now = Instant::now();
+            if signalled || now.saturating_duration_since(self.last_check) >= POLL_INTERVAL {
+                self.check_interrupts();
+                now = self.last_check;
+                signalled = false;
+            }
             if now >= deadline {
                 return Err(self.timeout(budget));
             }
-            let slice = Some(slice_until(deadline, now));
-            if self.read_timeout != slice {
+            let until_check = POLL_INTERVAL.saturating_sub(now - self.last_check);
+            let slice = read_slice(until_check.min(deadline - now));
+            if self.read_timeout != Some(slice) {
                 self.stream
-                    .set_read_timeout(slice)
+                    .set_read_timeout(Some(slice))
                     .map_err(|e| self.io_error(e))?;
-                self.read_timeout = slice;
+                self.read_timeout = Some(slice);
             }
-            match self.stream.read(&mut chunk) {
-                Ok(0) => {
-                    return Err(SourceError::Closed {
-                        target: self.target.clone(),
-                    })
-                }
-                Ok(n) => {
-                    self.rbuf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
-                    return Ok(());
-                }
-                Err(e) if is_retry(&e) => continue,
+            match self.recv_into_buffer() {
+                Ok(n) => return self.received(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => signalled = true,
+                Err(e) if is_retry(&e) => {}
                 Err(e) => return Err(self.io_error(e)),
             }
         }
     }
 
+    fn received(&self, n: usize) -> Result<(), SourceError> {
+        if n == 0 {
+            Err(SourceError::Closed {
+                target: self.target.clone(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// One `recv(2)` straight into the buffer's spare capacity, so bytes are never copied
+    /// between the socket and the message slices handed out. It blocks for at most the
+    /// socket's read timeout (`SO_RCVTIMEO`), after which it fails with `WouldBlock`.
+    fn recv_into_buffer(&mut self) -> io::Result<usize> {
+        let fd = self.stream.as_raw_fd();
+        let spare = self.rbuf.spare_capacity_mut();
+        let room = spare.len();
+        // SAFETY: recv writes at most `room` bytes starting at `spare`, which the buffer owns
+        // and which is valid for writes; no reference to uninitialized bytes is formed.
+        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), room, 0) };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        let filled = self.rbuf.len() + n.min(room);
+        // SAFETY: the kernel initialized the `n` bytes (at most the spare capacity) that
+        // follow the old length.
+        unsafe { self.rbuf.set_len(filled) };
+        Ok(n)
+    }
+
     /// Writes all of `bytes`, in slices of at most [`POLL_INTERVAL`].
-    fn send(&mut self, bytes: &[u8], budget: Budget) -> Result<(), SourceError> {
+    pub(super) fn send(&mut self, bytes: &[u8], budget: Budget) -> Result<(), SourceError> {
         let mut rest = bytes;
         let mut deadline = budget.deadline();
         while !rest.is_empty() {
@@ -899,7 +1055,7 @@ fn is_retry(e: &io::Error) -> bool {
     )
 }
 
-fn message_name(msg: &BackendMessage) -> &'static str {
+pub(super) fn message_name(msg: &BackendMessage) -> &'static str {
     match msg {
         BackendMessage::Authentication(_) => "authentication request",
         BackendMessage::BackendKeyData { .. } => "BackendKeyData",
@@ -1281,7 +1437,7 @@ fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 /// The effective OS user's name, libpq's default user name.
-fn os_user_name() -> Option<String> {
+pub(crate) fn os_user_name() -> Option<String> {
     // SAFETY: geteuid cannot fail.
     let uid = unsafe { libc::geteuid() };
     let mut size = 1024usize;
@@ -1316,7 +1472,7 @@ fn os_user_name() -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::source::protocol::tests::{error_body, frame};
     use std::net::TcpListener;
@@ -1325,13 +1481,13 @@ mod tests {
 
     // ---- a tiny fake server ----
 
-    fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    pub(crate) fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
         let mut buf = vec![0; n];
         s.read_exact(&mut buf).expect("read from client");
         buf
     }
 
-    fn read_startup(s: &mut TcpStream) -> Vec<(String, String)> {
+    pub(crate) fn read_startup(s: &mut TcpStream) -> Vec<(String, String)> {
         let len = u32::from_be_bytes(read_exact(s, 4).try_into().expect("4 bytes")) as usize;
         let body = read_exact(s, len - 4);
         assert_eq!(&body[..4], &[0, 3, 0, 0], "protocol 3.0");
@@ -1346,19 +1502,19 @@ mod tests {
             .collect()
     }
 
-    fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    pub(crate) fn read_msg(s: &mut TcpStream) -> (u8, Vec<u8>) {
         let head = read_exact(s, 5);
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
         (head[0], read_exact(s, len - 4))
     }
 
-    fn auth(code: u32, extra: &[u8]) -> Vec<u8> {
+    pub(crate) fn auth(code: u32, extra: &[u8]) -> Vec<u8> {
         let mut body = code.to_be_bytes().to_vec();
         body.extend_from_slice(extra);
         frame(b'R', &body)
     }
 
-    fn ready_sequence() -> Vec<u8> {
+    pub(crate) fn ready_sequence() -> Vec<u8> {
         let mut out = auth(0, &[]);
         out.extend(frame(b'S', b"server_version\x0015.20 (Debian 15.20-1)\0"));
         out.extend(frame(b'K', &[0, 0, 0x30, 0x39, 0, 0, 0, 7]));
@@ -1366,7 +1522,7 @@ mod tests {
         out
     }
 
-    fn row_description(names: &[&str]) -> Vec<u8> {
+    pub(crate) fn row_description(names: &[&str]) -> Vec<u8> {
         let mut body = (names.len() as u16).to_be_bytes().to_vec();
         for n in names {
             body.extend_from_slice(n.as_bytes());
@@ -1376,7 +1532,7 @@ mod tests {
         frame(b'T', &body)
     }
 
-    fn data_row(values: &[Option<&str>]) -> Vec<u8> {
+    pub(crate) fn data_row(values: &[Option<&str>]) -> Vec<u8> {
         let mut body = (values.len() as u16).to_be_bytes().to_vec();
         for v in values {
             match v {
@@ -1390,7 +1546,9 @@ mod tests {
         frame(b'D', &body)
     }
 
-    fn fake_server(script: impl FnOnce(TcpStream) + Send + 'static) -> (ConnInfo, JoinHandle<()>) {
+    pub(crate) fn fake_server(
+        script: impl FnOnce(TcpStream) + Send + 'static,
+    ) -> (ConnInfo, JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let handle = std::thread::spawn(move || {
@@ -1408,7 +1566,7 @@ mod tests {
         (info, handle)
     }
 
-    fn counting_options(counter: &Arc<AtomicUsize>) -> ConnectOptions {
+    pub(crate) fn counting_options(counter: &Arc<AtomicUsize>) -> ConnectOptions {
         let counter = Arc::clone(counter);
         ConnectOptions {
             interrupt_check: Some(Box::new(move || {

@@ -377,6 +377,45 @@ impl ConnInfo {
         self.render(true)
     }
 
+    /// A libpq conninfo string for an external client program: host/hostaddr/port/user/
+    /// sslmode/connect_timeout/application_name and `dbname`, but never the password or passfile.
+    ///
+    /// Pass it as the program's database argument (`pg_dump "<this>"`) and the password
+    /// through a file from [`crate::source::write_private_passfile`] named in the program's
+    /// `PGPASSFILE`, so that no secret shows in `ps` or `/proc/<pid>/environ`. The socket
+    /// directory is always spelled out, because the program's libpq may have been built with
+    /// another default than ours; `connect_timeout` too, because libpq's default is to wait
+    /// forever.
+    pub fn for_client_program(&self, dbname: &str) -> String {
+        fn push(out: &mut Vec<String>, key: &str, value: &str) {
+            out.push(format!("{key}={}", quote_value(value)));
+        }
+        let mut out = Vec::new();
+        match (&self.host, self.socket_dir()) {
+            (Some(h), _) => push(&mut out, "host", h),
+            (None, Some(dir)) => push(&mut out, "host", dir),
+            (None, None) => {}
+        }
+        if let Some(a) = &self.hostaddr {
+            push(&mut out, "hostaddr", a);
+        }
+        push(&mut out, "port", &self.port.to_string());
+        if let Some(u) = &self.user {
+            push(&mut out, "user", u);
+        }
+        push(&mut out, "dbname", dbname);
+        push(&mut out, "sslmode", self.sslmode.as_str());
+        push(
+            &mut out,
+            "connect_timeout",
+            &self.connect_timeout.as_secs().max(2).to_string(),
+        );
+        if let Some(a) = &self.application_name {
+            push(&mut out, "application_name", a);
+        }
+        out.join(" ")
+    }
+
     fn render(&self, with_password: bool) -> String {
         fn push(out: &mut Vec<String>, key: &str, value: &str) {
             out.push(format!("{key}={}", quote_value(value)));
@@ -971,6 +1010,49 @@ mod tests {
             info.to_conninfo_string(),
             "host=h port=5432 user=u password=pw dbname='my db' sslmode=prefer"
         );
+    }
+
+    #[test]
+    fn client_program_conninfo_has_no_secrets() {
+        let secret = "Hunter2-Secret";
+        let info = parse(&format!(
+            "host=db.example.com hostaddr=10.0.0.5 port=6000 user='o\\'brien' \
+             password={secret} passfile=/p/{secret} dbname=ignored sslmode=disable \
+             connect_timeout=7 application_name='cloud mig'"
+        ));
+        let s = info.for_client_program("my db");
+        assert!(!s.contains(secret) && !s.contains("pass"), "{s}");
+        assert_eq!(
+            s,
+            "host=db.example.com hostaddr=10.0.0.5 port=6000 user='o\\'brien' \
+             dbname='my db' sslmode=disable connect_timeout=7 application_name='cloud mig'"
+        );
+        let back = parse(&s);
+        assert_eq!(back.password, None);
+        assert_eq!(back.passfile, None);
+        assert_eq!(back.dbname.as_deref(), Some("my db"));
+        assert_eq!(
+            back.with_dbname("ignored"),
+            ConnInfo {
+                password: None,
+                passfile: None,
+                ..info
+            }
+        );
+
+        // The default socket directory is spelled out; the default timeout too.
+        assert_eq!(
+            parse("user=u password=x").for_client_program("postgres"),
+            "host=/var/run/postgresql port=5432 user=u dbname=postgres sslmode=prefer \
+             connect_timeout=10"
+        );
+        // A database name that looks like a connection string stays a name.
+        let s = parse("host=h").for_client_program("postgresql://evil/x host=other");
+        assert_eq!(
+            parse(&s).dbname.as_deref(),
+            Some("postgresql://evil/x host=other")
+        );
+        assert_eq!(parse(&s).host.as_deref(), Some("h"));
     }
 
     #[test]

@@ -194,6 +194,23 @@ pub enum SourceError {
     /// The passfile named in the conninfo could not be used.
     #[error(transparent)]
     Passfile(#[from] PassfileError),
+
+    /// A name we put into a replication command unquoted is not valid; nothing was sent.
+    #[error("{what} name \"{name}\" is invalid: {reason}")]
+    InvalidName {
+        /// What the name names (`replication slot`, `output plugin`).
+        what: &'static str,
+        /// The rejected name (never a secret).
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// The request cannot be done on this connection or by this server (a replication
+    /// command on a normal connection, an option the server version lacks, a query that is
+    /// not the kind the method runs). The connection stays usable.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl SourceError {
@@ -224,6 +241,9 @@ impl SourceError {
             SourceError::Io { .. } | SourceError::Closed { .. } => "08006",
             // connection_does_not_exist
             SourceError::Broken { .. } => "08003",
+            // invalid_name, as ReplicationSlotValidateName reports.
+            SourceError::InvalidName { .. } => "42602",
+            SourceError::Unsupported(_) => "0A000",
         }
     }
 
@@ -273,13 +293,21 @@ impl SourceError {
                 "check the source server's log for why the connection ended"
             }
             SourceError::Broken { .. } => "open a new connection",
+            SourceError::InvalidName { .. } => {
+                "use only lower case letters, digits and underscores, at most 63 bytes"
+            }
+            SourceError::Unsupported(_) => return None,
         };
         Some(hint.to_owned())
     }
 
     /// True for errors after which the connection cannot be used any more.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, SourceError::Server(e) if e.severity != "FATAL" && e.severity != "PANIC")
+        match self {
+            SourceError::Server(e) => e.severity == "FATAL" || e.severity == "PANIC",
+            SourceError::InvalidName { .. } | SourceError::Unsupported(_) => false,
+            _ => true,
+        }
     }
 }
 
@@ -365,6 +393,18 @@ mod tests {
             ),
             (SourceError::Protocol("x".into()), "08P01"),
             (SourceError::Closed { target }, "08006"),
+            (
+                SourceError::InvalidName {
+                    what: "replication slot",
+                    name: "Bad".into(),
+                    reason: "x",
+                },
+                "42602",
+            ),
+            (
+                SourceError::Unsupported("copy_out needs a COPY".into()),
+                "0A000",
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(err.sqlstate(), code, "{err}");
@@ -395,6 +435,13 @@ mod tests {
         assert!(SourceError::Server(Box::new(server_error("57P01"))).is_fatal());
         assert!(SourceError::Closed {
             target: String::new()
+        }
+        .is_fatal());
+        assert!(!SourceError::Unsupported("x".into()).is_fatal());
+        assert!(!SourceError::InvalidName {
+            what: "replication slot",
+            name: "X".into(),
+            reason: "x",
         }
         .is_fatal());
     }

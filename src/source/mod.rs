@@ -1,20 +1,29 @@
 //! The client for the remote *source* server: connection strings, password files, a blocking
 //! protocol-3.0 connection (TCP or Unix socket; trust, password, md5 and SCRAM-SHA-256
-//! authentication; simple queries; replication-mode commands), and SQL quoting helpers.
+//! authentication; simple queries; streaming `COPY ... TO STDOUT`; replication-mode commands
+//! and slots), WAL positions, and SQL quoting helpers.
 //!
 //! Plain Rust with no pgrx imports, so it is unit-tested with `cargo test`. Every wait wakes at
 //! least every 100 ms to run the caller's interrupt check (inside PostgreSQL,
-//! `CHECK_FOR_INTERRUPTS`), and nothing here ever shows a password: see [`conninfo`].
+//! `CHECK_FOR_INTERRUPTS`), and nothing here ever shows a password: see [`conninfo`]. Client
+//! programs such as `pg_dump` get the password through a private passfile
+//! ([`write_private_passfile`]), never on their command line or in their environment.
 
 pub mod connection;
 pub mod conninfo;
+pub mod copy_out;
 pub mod error;
+pub mod lsn;
 pub mod passfile;
 mod protocol;
+pub mod replication;
 pub mod sql;
 
 pub use connection::{ConnectOptions, Connection, InterruptCheck, Row, SystemIdentity};
 pub use conninfo::{ConnInfo, ConnInfoError, SslMode};
+pub use copy_out::CopyOut;
 pub use error::{ServerError, SourceError};
-pub use passfile::PassfileError;
+pub use lsn::{Lsn, ParseLsnError};
+pub use passfile::{write_private_passfile, PassfileError};
+pub use replication::CreatedSlot;
 pub use sql::{quote_ident, quote_literal};

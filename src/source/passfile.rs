@@ -5,13 +5,21 @@
 //! to the user who called us. Matching mirrors libpq's `passwordFromFile` (fe-connect.c): `*`
 //! matches anything, `\:` and `\\` escape, lines starting with `#` are comments, the first
 //! matching line wins, and `localhost` matches a connection over the default Unix socket.
+//!
+//! The other direction, [`write_private_passfile`], hands a password to a client program
+//! (`pg_dump`) through a file that only the server's OS user can read, because a command line
+//! or an environment variable is visible to every local user.
 
-use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::source::connection::os_user_name;
 use crate::source::conninfo::{ConnInfo, DEFAULT_SOCKET_DIR};
+use crate::source::error::SourceError;
 
 /// Larger files are refused: a password file is a few lines, and we read it whole.
 const MAX_PASSFILE_BYTES: u64 = 1024 * 1024;
@@ -54,6 +62,18 @@ pub enum PassfileError {
         /// The file.
         path: PathBuf,
     },
+    /// Creating or writing a private password file failed.
+    #[error("could not write password file \"{}\": {source}", path.display())]
+    Write {
+        /// The file (or, when no name could be created, the directory).
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The password contains a line break, which a password file cannot hold.
+    #[error("the password contains a line break, which a password file cannot hold")]
+    Unrepresentable,
 }
 
 /// The host name to match in a passfile for this conninfo, as libpq chooses it: the host,
@@ -185,10 +205,104 @@ pub fn read_password(
     Ok(lookup(&contents, passfile_host(info), info.port, db, user))
 }
 
+/// Writes a private (0600, created with O_EXCL) pgpass file in `dir` holding the password for
+/// `info` (from the conninfo, or looked up in its passfile), matching any database; returns its
+/// path, or None when there is no password to give. The caller deletes it.
+///
+/// The passfile lookup is the one our own connection makes: for the conninfo's user (else the
+/// OS user) and its database (else the user name). The single line written is
+/// `*:*:*:*:<password>`: the file is made for one program run that connects to one server as
+/// one user, so matching everything is as narrow as the file itself, and it spares us libpq's
+/// host-matching rules (socket directories, `hostaddr`), which the program's libpq build may
+/// apply differently. `dir` should be private to the server's OS user (a data directory
+/// subfolder, say); O_EXCL with O_NOFOLLOW still refuses a planted file or symlink elsewhere.
+pub fn write_private_passfile(dir: &Path, info: &ConnInfo) -> Result<Option<PathBuf>, SourceError> {
+    let password = match &info.password {
+        Some(p) => Some(p.clone()),
+        None => match &info.passfile {
+            Some(path) => {
+                let user = match info.user.clone().or_else(os_user_name) {
+                    Some(u) => u,
+                    None => return Ok(None),
+                };
+                let db = info.dbname.as_deref().unwrap_or(&user).to_owned();
+                read_password(path, info, &db, &user)?
+            }
+            None => None,
+        },
+    };
+    let Some(password) = password else {
+        return Ok(None);
+    };
+    if password.contains(['\n', '\r']) {
+        return Err(PassfileError::Unrepresentable.into());
+    }
+    let line = format!("*:*:*:*:{}\n", escape_field(&password));
+    let (path, mut file) = create_private_file(dir)?;
+    if let Err(source) = file.write_all(line.as_bytes()) {
+        // Best effort: do not leave a partial secret behind.
+        let _ = std::fs::remove_file(&path);
+        return Err(PassfileError::Write { path, source }.into());
+    }
+    Ok(Some(path))
+}
+
+/// Escapes a pgpass field: `\` and `:` get a backslash, as libpq's reader expects.
+fn escape_field(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    for c in text.chars() {
+        if c == '\\' || c == ':' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Creates a new file readable and writable by its owner only, under a fresh name in `dir`.
+/// `create_new` is O_CREAT|O_EXCL, so an existing file or symlink is never opened.
+fn create_private_file(dir: &Path) -> Result<(PathBuf, File), PassfileError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut last_error = None;
+    for _ in 0..16 {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "cloudmig-pgpass-{}-{}-{nanos:08x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = dir.join(name);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(file) => {
+                // The umask can only have removed bits; make sure none were added either.
+                if let Err(source) = file.set_permissions(std::fs::Permissions::from_mode(0o600)) {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(PassfileError::Write { path, source });
+                }
+                return Ok((path, file));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_error = Some(e),
+            Err(source) => return Err(PassfileError::Write { path, source }),
+        }
+    }
+    Err(PassfileError::Write {
+        path: dir.to_owned(),
+        source: last_error
+            .unwrap_or_else(|| std::io::Error::other("could not find an unused file name")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     const FILE: &str = "\
 # comment line:*:*:*:nope
@@ -309,6 +423,91 @@ short:4:d:u
             ),
             "{not_file:?}"
         );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+    #[test]
+    fn private_passfile_round_trips() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("cloudmig-privpass-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let secret = "p:a\\s s#w*rd\\:";
+        let info = ConnInfo {
+            password: Some(secret.into()),
+            ..ConnInfo::parse("host=db.example.com port=6000 user=alice dbname=app")?
+        };
+        let path = write_private_passfile(&dir, &info)?.ok_or("no file")?;
+        assert!(path.starts_with(&dir));
+        let meta = std::fs::symlink_metadata(&path)?;
+        assert!(meta.is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let text = std::fs::read_to_string(&path)?;
+        assert_eq!(text, "*:*:*:*:p\\:a\\\\s s#w*rd\\\\\\:\n");
+        // What libpq would find, for any database and for the conninfo's own target.
+        for db in ["app", "postgres", "other db"] {
+            assert_eq!(
+                lookup(&text, passfile_host(&info), 6000, db, "alice").as_deref(),
+                Some(secret)
+            );
+        }
+        assert_eq!(
+            read_password(&path, &info, "postgres", "alice")?.as_deref(),
+            Some(secret)
+        );
+        // A second file gets another name; neither clobbers the other.
+        let second = write_private_passfile(&dir, &info)?.ok_or("no file")?;
+        assert_ne!(second, path);
+        std::fs::remove_file(&second)?;
+
+        // From the conninfo's passfile instead: looked up for its user and database.
+        let source_file = dir.join("source-pgpass");
+        std::fs::write(
+            &source_file,
+            "db.example.com:6000:app:alice:from\\:file\n*:*:*:*:fallback\n",
+        )?;
+        std::fs::set_permissions(&source_file, std::fs::Permissions::from_mode(0o600))?;
+        let via_file = ConnInfo {
+            passfile: Some(source_file.clone()),
+            ..ConnInfo::parse("host=db.example.com port=6000 user=alice dbname=app")?
+        };
+        let copy = write_private_passfile(&dir, &via_file)?.ok_or("no file")?;
+        assert_eq!(
+            lookup(&std::fs::read_to_string(&copy)?, "h", 1, "d", "alice").as_deref(),
+            Some("from:file")
+        );
+        std::fs::remove_file(&copy)?;
+
+        // Nothing to give: no file is written.
+        let none = ConnInfo::parse("host=h user=u")?;
+        assert_eq!(write_private_passfile(&dir, &none)?, None);
+        std::fs::write(&source_file, "other:1:d:u:x\n")?;
+        let unmatched = ConnInfo {
+            passfile: Some(source_file.clone()),
+            ..none.clone()
+        };
+        assert_eq!(write_private_passfile(&dir, &unmatched)?, None);
+
+        // Errors name the problem, never the password.
+        let newline = ConnInfo {
+            password: Some("two\nlines-secret".into()),
+            ..none.clone()
+        };
+        let err = write_private_passfile(&dir, &newline)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("line break") && !e.contains("secret")),
+            "{err:?}"
+        );
+        let missing_dir = write_private_passfile(&dir.join("missing"), &info);
+        assert!(
+            matches!(
+                missing_dir,
+                Err(SourceError::Passfile(PassfileError::Write { .. }))
+            ),
+            "{missing_dir:?}"
+        );
+        std::fs::remove_file(&path)?;
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -7,7 +7,7 @@
 //! `postgres-protocol`. Invariants: every length is bounds-checked, a message longer than
 //! [`MAX_MESSAGE_LEN`] is refused before it is buffered, and no input makes this code panic.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::source::error::{ServerError, SourceError};
 
@@ -83,9 +83,20 @@ pub(crate) fn split_frame(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, Sou
     if buf.len() < len + 1 {
         return Ok(None);
     }
-    let mut frame = buf.split_to(len + 1);
-    let body = frame.split_off(5).freeze();
+    // One pointer bump and one split: the body shares the buffer's memory, no copy.
+    buf.advance(5);
+    let body = buf.split_to(len - 4).freeze();
     Ok(Some((tag, body)))
+}
+
+/// The total size (tag included) of the message at the front of `buf`, once its header is
+/// buffered; lets a reader make room for a large message in one step.
+pub(crate) fn frame_len(buf: &[u8]) -> Option<usize> {
+    let header = buf.get(1..5).and_then(|b| <[u8; 4]>::try_from(b).ok())?;
+    usize::try_from(u32::from_be_bytes(header))
+        .ok()
+        .filter(|&len| len < MAX_MESSAGE_LEN)
+        .map(|len| len + 1)
 }
 
 /// Printable rendering of a message tag for error messages.
@@ -373,6 +384,25 @@ pub(crate) mod tests {
             assert!(parse_message(tag, body).is_ok());
         }
         assert_eq!(tags, b"ZC");
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn frame_lengths_and_zero_copy_bodies() {
+        let mut bytes = frame(b'd', b"payload");
+        bytes.extend(frame(b'c', b""));
+        assert_eq!(frame_len(&bytes), Some(12));
+        assert_eq!(frame_len(&bytes[..4]), None);
+        assert_eq!(frame_len(&[b'd', 0x7f, 0xff, 0xff, 0xff]), None);
+        let mut buf = BytesMut::from(&bytes[..]);
+        let start = buf.as_ptr() as usize;
+        let first = split_frame(&mut buf).ok().flatten();
+        let Some((b'd', body)) = first else {
+            panic!("{first:?}");
+        };
+        assert_eq!(&body[..], b"payload");
+        assert_eq!(body.as_ptr() as usize, start + 5, "a slice of the buffer");
+        assert!(matches!(split_frame(&mut buf), Ok(Some((b'c', b))) if b.is_empty()));
         assert!(buf.is_empty());
     }
 

@@ -2,6 +2,18 @@
 //! instance see each other's live cloudmig state.
 //!
 //! Only this folder touches background workers, latches and signals.
+//!
+//! ```text
+//! launcher (static, control db) ──starts──> task worker (control db, one per task)
+//!                                              │ jobs through shared memory
+//!                                              └──> database workers (one db each, up to copy_workers)
+//! ```
 
+pub mod cleanup;
+pub mod database;
 pub mod inspect;
+pub mod jobs;
+pub mod launcher;
 pub mod shared;
+pub mod task;
+pub mod txn;

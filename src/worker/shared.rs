@@ -3,7 +3,11 @@
 //! * which backend is running an assessment right now (so another session can
 //!   see the destination as "assessing", and a second assessment is refused);
 //! * the mailbox through which an inspection worker hands its findings back to
-//!   the backend that started it.
+//!   the backend that started it;
+//! * the launcher's pid (so `start()` can wake it);
+//! * the running task: its worker's pid, and the job slots through which it
+//!   hands work to the database workers connected to other databases, which
+//!   report live progress back the same way.
 //!
 //! Durable state lives in the catalog tables; this is only what must be seen
 //! across sessions before anything commits.
@@ -79,15 +83,162 @@ impl InspectionMailbox {
     }
 }
 
+/// Fixed-size text in shared memory (names, snapshot ids, messages).
+#[derive(Copy, Clone)]
+pub struct FixedText<const N: usize> {
+    len: usize,
+    bytes: [u8; N],
+}
+// SAFETY: plain old data, no pointers.
+unsafe impl<const N: usize> PGRXSharedMemory for FixedText<N> {}
+
+impl<const N: usize> Default for FixedText<N> {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            bytes: [0; N],
+        }
+    }
+}
+
+impl<const N: usize> FixedText<N> {
+    /// Stores `text`, cut at a character boundary to fit.
+    pub fn set(&mut self, text: &str) {
+        let mut end = text.len().min(N);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.bytes[..end].copy_from_slice(&text.as_bytes()[..end]);
+        self.len = end;
+    }
+
+    pub fn get(&self) -> String {
+        String::from_utf8_lossy(&self.bytes[..self.len.min(N)]).into_owned()
+    }
+}
+
+/// The task being run, and who runs it.
+#[derive(Copy, Clone, Default)]
+pub struct TaskActivity {
+    pub task_id: i64,
+    /// Pid of the task worker; 0 when none runs.
+    pub worker_pid: i32,
+    /// The source conninfo, password included, for the database workers (they
+    /// cannot read the control database's secrets table). Shared memory is
+    /// not reachable from SQL.
+    pub conninfo: FixedText<2048>,
+    /// `cloudmig.cancel()` asked this task to stop (shared memory, so the
+    /// request is seen at once, without waiting for the caller to commit).
+    pub cancel_task_id: i64,
+}
+// SAFETY: plain old data, no pointers.
+unsafe impl PGRXSharedMemory for TaskActivity {}
+
+/// How many database workers can run at once (the copy parallelism cap).
+pub const MAX_JOB_SLOTS: usize = 16;
+
+/// Where a job slot stands. The task worker moves it Free -> Assigned and
+/// (Done | Failed) -> Free or Exit; the database worker Assigned -> Running
+/// -> (Done | Failed).
+#[derive(Copy, Clone, PartialEq, Eq, Debug, Default)]
+#[repr(u8)]
+pub enum JobState {
+    #[default]
+    Free = 0,
+    Assigned = 1,
+    Running = 2,
+    Done = 3,
+    Failed = 4,
+    /// The worker should exit.
+    Exit = 5,
+}
+
+/// What a database worker is asked to do in its database.
+#[derive(Copy, Clone, PartialEq, Eq, Debug, Default)]
+#[repr(u8)]
+pub enum JobKind {
+    #[default]
+    None = 0,
+    /// Run the SQL script in `path` (pg_dump pre-data or post-data output).
+    ApplyScript = 1,
+    /// Copy table `schema`.`table` from the source at `snapshot`.
+    CopyTable = 2,
+    /// Set every sequence to its value at `snapshot`.
+    CopySequences = 3,
+    /// Copy every large object at `snapshot`.
+    CopyLargeObjects = 4,
+    /// Refresh every materialized view that is populated on the source.
+    RefreshMaterializedViews = 5,
+}
+
+/// One database worker's mailbox.
+#[derive(Copy, Clone, Default)]
+pub struct JobSlot {
+    pub state: JobState,
+    pub kind: JobKind,
+    pub worker_pid: i32,
+    pub task_id: i64,
+    pub database: FixedText<64>,
+    pub schema: FixedText<64>,
+    pub table: FixedText<64>,
+    pub snapshot: FixedText<64>,
+    pub path: FixedText<512>,
+    /// Empty the table before copying (an interrupted earlier copy).
+    pub truncate_first: bool,
+    /// Live progress of the current job.
+    pub rows: u64,
+    pub bytes: u64,
+    /// Why the job failed.
+    pub error: FixedText<1024>,
+}
+// SAFETY: plain old data, no pointers.
+unsafe impl PGRXSharedMemory for JobSlot {}
+
 pub static ASSESSMENT: PgLwLock<AssessmentActivity> =
     unsafe { PgLwLock::new(c"cloudmig_assessment") };
 pub static INSPECTION: PgLwLock<InspectionMailbox> =
     unsafe { PgLwLock::new(c"cloudmig_inspection") };
 
+/// Pid of the launcher worker (0 while it is not running).
+pub static LAUNCHER_PID: PgLwLock<i32> = unsafe { PgLwLock::new(c"cloudmig_launcher") };
+pub static TASK: PgLwLock<TaskActivity> = unsafe { PgLwLock::new(c"cloudmig_task") };
+pub static JOBS: PgLwLock<[JobSlot; MAX_JOB_SLOTS]> = unsafe { PgLwLock::new(c"cloudmig_jobs") };
+
 /// Requests the shared memory; called from `_PG_init`.
 pub fn init() {
     pg_shmem_init!(ASSESSMENT);
     pg_shmem_init!(INSPECTION);
+    pg_shmem_init!(LAUNCHER_PID);
+    pg_shmem_init!(TASK);
+    pg_shmem_init!(JOBS = [JobSlot::default(); MAX_JOB_SLOTS]);
+}
+
+/// Wakes process `pid` (a background worker) by setting its latch, the way
+/// PostgreSQL's own procsignal machinery does: SIGUSR1 sets the latch of a
+/// background worker.
+pub fn wake(pid: i32) {
+    if pid > 0 {
+        // SAFETY: signalling a pid of our own instance; a stale pid at worst
+        // gets a harmless SIGUSR1 or ESRCH.
+        unsafe { libc::kill(pid, libc::SIGUSR1) };
+    }
+}
+
+/// Wakes the launcher, e.g. after a task was created or cancelled.
+pub fn wake_launcher() {
+    wake(*LAUNCHER_PID.share());
+}
+
+/// The pid of the running task worker of `task_id`, if one is alive.
+pub fn task_worker_pid(task_id: i64) -> Option<i32> {
+    let task = TASK.share();
+    (task.task_id == task_id && process_alive(task.worker_pid)).then_some(task.worker_pid)
+}
+
+/// True when `pid` is a live process of this instance (backends and workers).
+pub fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
 /// True when `pid` is a live backend of this instance. A backend that died
@@ -134,4 +285,10 @@ pub fn current_assessment() -> Option<AssessmentActivity> {
 fn my_pid() -> i32 {
     // SAFETY: MyProcPid is set once at backend start.
     unsafe { pg_sys::MyProcPid }
+}
+
+/// The task whose cancellation is requested, if any.
+pub fn cancel_requested() -> Option<i64> {
+    let task = TASK.share();
+    (task.cancel_task_id != 0).then_some(task.cancel_task_id)
 }

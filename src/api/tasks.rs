@@ -1,0 +1,350 @@
+//! `cloudmig.start()`, `cloudmig.cancel()`, `cloudmig.wait()` and the live
+//! progress behind the `cloudmig.tasks` and `cloudmig.table_progress` views.
+
+use super::error::{ApiError, OrRaise};
+use crate::assess::source_facts::SourceDatabaseName;
+use crate::catalog::as_extension_owner;
+use crate::catalog::tasks::{self, Phase};
+use crate::source::{ConnInfo, ConnectOptions, Connection};
+use crate::worker::cleanup;
+use crate::worker::shared::{self, JobKind, JobState, JOBS, TASK};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde::Deserialize;
+use std::time::{Duration, Instant};
+
+/// What `start`'s options may hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartOptions {
+    /// Copy only these databases.
+    databases: Option<Vec<String>>,
+    /// Copy every database but these.
+    exclude_databases: Option<Vec<String>>,
+    /// Tables copied in parallel (database workers per database).
+    copy_workers: Option<u32>,
+}
+
+fn check_for_interrupts() {
+    pgrx::check_for_interrupts!();
+}
+
+/// Starts a migration from a passed assessment, reusing its source; returns
+/// the task id at once. Background workers do the work.
+#[pg_extern(volatile, parallel_unsafe)]
+fn start(assessment: i64, options: default!(JsonB, "'{}'")) -> i64 {
+    let options_value = options.0;
+    if !options_value.is_object() {
+        ApiError::InvalidOptions("options must be a JSON object".into()).raise();
+    }
+    let parsed: StartOptions = serde_json::from_value(options_value.clone())
+        .map_err(|e| ApiError::InvalidOptions(e.to_string()))
+        .or_raise();
+    if let Some(n) = parsed.copy_workers {
+        if !(1..=shared::MAX_JOB_SLOTS as u32).contains(&n) {
+            ApiError::InvalidOptions(format!(
+                "copy_workers must be between 1 and {}",
+                shared::MAX_JOB_SLOTS
+            ))
+            .raise();
+        }
+    }
+    if parsed.databases.is_some() && parsed.exclude_databases.is_some() {
+        ApiError::InvalidOptions("give databases or exclude_databases, not both".into()).raise();
+    }
+    // SAFETY: reads shared recovery state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        ApiError::DestinationIsStandby.raise();
+    }
+    let (passed, masked, system_identifier, conninfo) = as_extension_owner(|| {
+        Spi::connect(|client| {
+            let mut rows = client.select(
+                "SELECT a.passed, a.source, a.source_system_identifier, s.conninfo \
+                   FROM cloudmig.assessments a LEFT JOIN cloudmig.source_secret s ON s.assessment_id = a.id \
+                  WHERE a.id = $1",
+                None,
+                &[assessment.into()],
+            )?;
+            let Some(row) = rows.next() else {
+                return Ok::<_, pgrx::spi::Error>(None);
+            };
+            Ok(Some((
+                row.get::<bool>(1)?.unwrap_or(false),
+                row.get::<String>(2)?.unwrap_or_default(),
+                row.get::<String>(3)?,
+                row.get::<String>(4)?.unwrap_or_default(),
+            )))
+        })
+    })
+    .map_err(|e| ApiError::Catalog(format!("reading assessment: {e}")))
+    .or_raise()
+    .unwrap_or_else(|| ApiError::UnknownAssessment(assessment).raise());
+    if !passed {
+        ApiError::AssessmentFailed(assessment).raise();
+    }
+    if let Some(active) = tasks::active_task_id()
+        .map_err(|e| ApiError::Catalog(format!("active task: {e}")))
+        .or_raise()
+    {
+        ApiError::TaskActive(active).raise();
+    }
+    let info = ConnInfo::parse(&conninfo).or_raise();
+
+    // The source must still be the assessed instance, and we learn its
+    // databases as they are now.
+    let mut options = ConnectOptions::new();
+    options.replication = true;
+    options.interrupt_check = Some(Box::new(check_for_interrupts));
+    options.io_timeout = crate::guc::source_timeout();
+    let mut replication = Connection::connect(&info, options).or_raise();
+    let identity = replication.identify_system().or_raise();
+    replication.close();
+    if system_identifier.as_deref() != Some(identity.systemid.as_str()) {
+        ApiError::SourceChanged {
+            assessment,
+            expected: system_identifier.unwrap_or_else(|| "unknown".into()),
+            found: identity.systemid,
+        }
+        .raise();
+    }
+    let mut options = ConnectOptions::new();
+    options.interrupt_check = Some(Box::new(check_for_interrupts));
+    options.io_timeout = crate::guc::source_timeout();
+    let mut connection = Connection::connect(&info, options).or_raise();
+    let all: Vec<SourceDatabaseName> =
+        crate::assess::source_facts::database_names(&mut connection).or_raise();
+    connection.close();
+    let names: Vec<&str> = all.iter().map(|d| d.name.as_str()).collect();
+    for wanted in parsed
+        .databases
+        .iter()
+        .flatten()
+        .chain(parsed.exclude_databases.iter().flatten())
+    {
+        if !names.contains(&wanted.as_str()) {
+            ApiError::InvalidOptions(format!(
+                "the source has no database {wanted:?} (it has: {})",
+                names.join(", ")
+            ))
+            .raise();
+        }
+    }
+    let selected: Vec<(String, Option<i64>)> = all
+        .into_iter()
+        .filter(|d| {
+            parsed
+                .databases
+                .as_ref()
+                .is_none_or(|only| only.contains(&d.name))
+        })
+        .filter(|d| {
+            !parsed
+                .exclude_databases
+                .as_ref()
+                .is_some_and(|skip| skip.contains(&d.name))
+        })
+        .map(|d| (d.name, d.size_bytes))
+        .collect();
+    if selected.is_empty() {
+        ApiError::InvalidOptions("no database left to migrate".into()).raise();
+    }
+    let id = as_extension_owner(|| tasks::create(assessment, &masked, options_value, &selected))
+        .map_err(|e| ApiError::Catalog(format!("creating task: {e}")))
+        .or_raise();
+    // The launcher starts the task worker once this transaction commits.
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, shared::wake_launcher);
+    pgrx::notice!(
+        "task {id} started for {} database(s): {}; follow it in cloudmig.tasks",
+        selected.len(),
+        selected
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    id
+}
+
+/// Stops a task: its workers end, its slots and publications on the source
+/// are dropped; data copied so far stays here. Returns when done.
+#[pg_extern(volatile, parallel_unsafe)]
+fn cancel(task: i64) {
+    let loaded = tasks::load(task)
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise();
+    let Some(loaded) = loaded else {
+        ApiError::UnknownTask(task).raise()
+    };
+    if loaded.phase == Phase::Cancelled {
+        pgrx::notice!("task {task} is already cancelled");
+        return;
+    }
+    // Stop the worker first: it holds the slots and snapshots.
+    TASK.exclusive().cancel_task_id = task;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(pid) = shared::task_worker_pid(task) {
+        shared::wake(pid);
+        if Instant::now() > deadline {
+            TASK.exclusive().cancel_task_id = 0;
+            ApiError::WorkerBusy(task, pid).raise();
+        }
+        // SAFETY: a short latch wait in a backend, waking on postmaster death.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                100,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        check_for_interrupts();
+    }
+    let result = as_extension_owner(|| -> Result<Vec<String>, pgrx::spi::Error> {
+        let conninfo = Spi::get_one_with_args::<String>(
+            "SELECT conninfo FROM cloudmig.source_secret WHERE assessment_id = $1",
+            &[loaded.assessment_id.into()],
+        )?
+        .unwrap_or_default();
+        let databases: Vec<String> = tasks::databases(task)?
+            .into_iter()
+            .map(|d| d.datname)
+            .collect();
+        let problems = match ConnInfo::parse(&conninfo) {
+            Ok(info) => cleanup::drop_source_objects(&info, task, &databases, check_for_interrupts),
+            Err(e) => vec![format!("invalid source connection string: {e}")],
+        };
+        for problem in &problems {
+            tasks::add_event(
+                task,
+                None,
+                "warning",
+                &format!("{problem}; drop it on the source by hand"),
+            )?;
+        }
+        tasks::set_phase(
+            task,
+            Phase::Cancelled,
+            "stopped by cloudmig.cancel(); copied data stays here",
+        )?;
+        Ok(problems)
+    });
+    TASK.exclusive().cancel_task_id = 0;
+    let problems = result
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise();
+    for problem in problems {
+        pgrx::warning!("cloudmig: {problem}");
+    }
+}
+
+/// Blocks until `task` reaches `phase` (or a later one), raising a NOTICE
+/// with its progress every 10 seconds; returns the phase reached. Raises an
+/// error when the task fails or is cancelled first, or at the timeout.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wait(
+    task: i64,
+    phase: &str,
+    timeout: default!(pgrx::datum::Interval, "'10 minutes'"),
+) -> String {
+    let Some(target) = Phase::parse(phase) else {
+        ApiError::InvalidOptions(format!(
+            "unknown phase {phase:?} (phases: {})",
+            Phase::ALL.map(Phase::as_str).join(", ")
+        ))
+        .raise()
+    };
+    let timeout_us = timeout.as_micros().max(0) as u64;
+    let deadline = Instant::now() + Duration::from_micros(timeout_us);
+    let mut next_notice = Instant::now() + Duration::from_secs(10);
+    loop {
+        // One text column: pgrx's get_one/get_two treat "no row" as an error.
+        let row = crate::catalog::first_value::<String>(
+            "SELECT phase || '|' || coalesce(last_error, '') FROM cloudmig.task WHERE id = $1",
+            &[task.into()],
+        )
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise();
+        let Some(row) = row else {
+            ApiError::UnknownTask(task).raise()
+        };
+        let (current, error) = row.split_once('|').unwrap_or((row.as_str(), ""));
+        let (current, error) = (current.to_string(), Some(error.to_string()));
+        let current_phase = Phase::parse(&current).unwrap_or(Phase::Failed);
+        if current_phase == target {
+            return current;
+        }
+        match current_phase {
+            Phase::Failed | Phase::Cancelled => ApiError::TaskStopped {
+                task,
+                phase: current.clone(),
+                error: error.unwrap_or_default(),
+            }
+            .raise(),
+            _ if current_phase.reached(target) => return current,
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            ApiError::WaitTimeout {
+                task,
+                target: target.to_string(),
+                now: current,
+            }
+            .raise();
+        }
+        if Instant::now() >= next_notice {
+            let progress = Spi::get_one_with_args::<String>(
+                "SELECT format('%s%% of %s table(s) copied', coalesce(percent, 0), tables_total) \
+                   FROM cloudmig.tasks WHERE task_id = $1",
+                &[task.into()],
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+            pgrx::notice!("task {task}: {current}, {progress}");
+            next_notice = Instant::now() + Duration::from_secs(10);
+        }
+        // SAFETY: a short latch wait in a backend, waking on postmaster death.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                200,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        check_for_interrupts();
+    }
+}
+
+/// Tables being copied right now, with their live counters (shared memory).
+#[pg_extern(volatile, parallel_unsafe)]
+fn live_copies() -> TableIterator<
+    'static,
+    (
+        name!(task_id, i64),
+        name!(datname, String),
+        name!(schema_name, String),
+        name!(table_name, String),
+        name!(rows_copied, i64),
+        name!(bytes_copied, i64),
+    ),
+> {
+    let rows: Vec<_> = JOBS
+        .share()
+        .iter()
+        .filter(|slot| slot.kind == JobKind::CopyTable && slot.state == JobState::Running)
+        .map(|slot| {
+            (
+                slot.task_id,
+                slot.database.get(),
+                slot.schema.get(),
+                slot.table.get(),
+                slot.rows as i64,
+                slot.bytes as i64,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}

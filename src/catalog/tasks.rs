@@ -1,0 +1,358 @@
+//! `cloudmig.task`, `cloudmig.task_database`, `cloudmig.table_copy`,
+//! `cloudmig.events`: the durable state of migrations.
+//!
+//! The phase machine lives here ([`Phase`]): every phase change goes through
+//! [`set_phase`], which also writes the event, in the caller's transaction.
+
+use pgrx::prelude::*;
+use std::fmt;
+
+/// The phases of a task, in order; see sql/tasks.sql for the diagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Created,
+    Roles,
+    Schema,
+    FullCopy,
+    PostData,
+    /// The copy is complete; the apply of changes continues from here.
+    CopyComplete,
+    Failed,
+    Cancelled,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] = [
+        Phase::Created,
+        Phase::Roles,
+        Phase::Schema,
+        Phase::FullCopy,
+        Phase::PostData,
+        Phase::CopyComplete,
+        Phase::Failed,
+        Phase::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Created => "created",
+            Phase::Roles => "roles",
+            Phase::Schema => "schema",
+            Phase::FullCopy => "full_copy",
+            Phase::PostData => "post_data",
+            Phase::CopyComplete => "copy_complete",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == text)
+    }
+
+    /// Phases in which a task worker has work to do.
+    pub fn needs_worker(self) -> bool {
+        matches!(
+            self,
+            Phase::Created | Phase::Roles | Phase::Schema | Phase::FullCopy | Phase::PostData
+        )
+    }
+
+    /// Phases a task never leaves.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Cancelled)
+    }
+
+    /// Whether `self` is `target` or comes after it on the way to completion
+    /// (failed and cancelled come after everything: a waiter must stop).
+    pub fn reached(self, target: Phase) -> bool {
+        self >= target
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a worker needs to know about a task.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub id: i64,
+    pub assessment_id: i64,
+    pub phase: Phase,
+    pub options: serde_json::Value,
+}
+
+/// A database of a task.
+#[derive(Debug, Clone)]
+pub struct TaskDatabase {
+    pub datname: String,
+    pub state: String,
+    pub slot_name: String,
+    pub consistent_lsn: Option<String>,
+}
+
+/// A table to copy.
+#[derive(Debug, Clone)]
+pub struct TableCopy {
+    pub datname: String,
+    pub schema_name: String,
+    pub table_name: String,
+    pub state: String,
+}
+
+/// A table as planned from the source.
+#[derive(Debug, Clone)]
+pub struct PlannedTable {
+    pub schema_name: String,
+    pub table_name: String,
+    pub bytes_total: i64,
+    pub rows_estimated: i64,
+}
+
+type SpiResult<T> = Result<T, pgrx::spi::Error>;
+
+/// Creates a task for a passed assessment, with one row per database; returns its id.
+pub fn create(
+    assessment_id: i64,
+    masked_source: &str,
+    options: serde_json::Value,
+    databases: &[(String, Option<i64>)],
+) -> SpiResult<i64> {
+    let id = Spi::get_one_with_args::<i64>(
+        "INSERT INTO cloudmig.task (assessment_id, source, options) VALUES ($1, $2, $3) RETURNING id",
+        &[assessment_id.into(), masked_source.into(), pgrx::JsonB(options).into()],
+    )?
+    .unwrap_or_default();
+    for (ordinal, (datname, size)) in databases.iter().enumerate() {
+        Spi::run_with_args(
+            "INSERT INTO cloudmig.task_database (task_id, ordinal, datname, size_bytes, slot_name) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                id.into(),
+                (ordinal as i32).into(),
+                datname.as_str().into(),
+                (*size).into(),
+                slot_name(id, ordinal).into(),
+            ],
+        )?;
+    }
+    add_event(id, None, "phase", "created")?;
+    Ok(id)
+}
+
+/// The permanent logical slot a task keeps on the source for a database. Its
+/// name carries the task id so `no_concurrent_migration` recognises it.
+pub fn slot_name(task_id: i64, ordinal: usize) -> String {
+    format!("cloudmig_{task_id}_{ordinal}")
+}
+
+/// The publication a task creates on the source database it streams.
+pub fn publication_name(task_id: i64) -> String {
+    format!("cloudmig_{task_id}")
+}
+
+/// The active task (not cancelled), if any.
+pub fn active_task_id() -> SpiResult<Option<i64>> {
+    super::first_value::<i64>(
+        "SELECT id FROM cloudmig.task WHERE phase <> 'cancelled' ORDER BY id LIMIT 1",
+        &[],
+    )
+}
+
+/// Loads a task.
+pub fn load(task_id: i64) -> SpiResult<Option<Task>> {
+    Spi::connect(|client| {
+        let mut rows = client.select(
+            "SELECT id, assessment_id, phase, options FROM cloudmig.task WHERE id = $1",
+            None,
+            &[task_id.into()],
+        )?;
+        let Some(row) = rows.next() else {
+            return Ok(None);
+        };
+        let phase: String = row.get(3)?.unwrap_or_default();
+        Ok(Some(Task {
+            id: row.get(1)?.unwrap_or_default(),
+            assessment_id: row.get(2)?.unwrap_or_default(),
+            phase: Phase::parse(&phase).unwrap_or(Phase::Failed),
+            options: row.get::<pgrx::JsonB>(4)?.map(|j| j.0).unwrap_or_default(),
+        }))
+    })
+}
+
+/// Moves a task to `phase` and logs it, in the current transaction.
+pub fn set_phase(task_id: i64, phase: Phase, message: &str) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.task SET phase = $2, phase_since = pg_catalog.clock_timestamp(), \
+                finished_at = CASE WHEN $2 IN ('copy_complete', 'failed', 'cancelled') \
+                                   THEN pg_catalog.clock_timestamp() END, \
+                copy_started_at = CASE WHEN $2 = 'full_copy' \
+                                       THEN coalesce(copy_started_at, pg_catalog.clock_timestamp()) \
+                                       ELSE copy_started_at END \
+          WHERE id = $1",
+        &[task_id.into(), phase.as_str().into()],
+    )?;
+    let text = if message.is_empty() {
+        phase.as_str().to_string()
+    } else {
+        format!("{phase}: {message}")
+    };
+    add_event(task_id, None, "phase", &text)
+}
+
+/// Records a failure: phase failed, the error and its hint, an error event.
+pub fn fail(task_id: i64, error: &str, hint: Option<&str>) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.task SET last_error = $2, last_error_hint = $3, \
+                last_error_at = pg_catalog.clock_timestamp() WHERE id = $1",
+        &[task_id.into(), error.into(), hint.into()],
+    )?;
+    add_event(task_id, None, "error", error)?;
+    set_phase(task_id, Phase::Failed, "")
+}
+
+/// Appends an event.
+pub fn add_event(task_id: i64, datname: Option<&str>, kind: &str, message: &str) -> SpiResult<()> {
+    Spi::run_with_args(
+        "INSERT INTO cloudmig.events (task_id, datname, kind, message) VALUES ($1, $2, $3, $4)",
+        &[task_id.into(), datname.into(), kind.into(), message.into()],
+    )
+}
+
+/// Counts one more start of a task worker.
+pub fn note_worker_start(task_id: i64) -> SpiResult<i32> {
+    Ok(Spi::get_one_with_args::<i32>(
+        "UPDATE cloudmig.task SET worker_starts = worker_starts + 1 WHERE id = $1 RETURNING worker_starts",
+        &[task_id.into()],
+    )?
+    .unwrap_or(0))
+}
+
+/// The databases of a task, in order.
+pub fn databases(task_id: i64) -> SpiResult<Vec<TaskDatabase>> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT datname, state, slot_name, consistent_lsn::text FROM cloudmig.task_database \
+                  WHERE task_id = $1 ORDER BY ordinal",
+                None,
+                &[task_id.into()],
+            )?
+            .map(|row| {
+                Ok(TaskDatabase {
+                    datname: row.get(1)?.unwrap_or_default(),
+                    state: row.get(2)?.unwrap_or_default(),
+                    slot_name: row.get(3)?.unwrap_or_default(),
+                    consistent_lsn: row.get(4)?,
+                })
+            })
+            .collect()
+    })
+}
+
+/// Records a database's progress (and, once its slot exists, where it starts).
+pub fn set_database_state(
+    task_id: i64,
+    datname: &str,
+    state: &str,
+    consistent_lsn: Option<&str>,
+) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.task_database SET state = $3, \
+                consistent_lsn = coalesce($4::pg_lsn, consistent_lsn) \
+          WHERE task_id = $1 AND datname = $2",
+        &[
+            task_id.into(),
+            datname.into(),
+            state.into(),
+            consistent_lsn.into(),
+        ],
+    )
+}
+
+/// Stores the copy plan of a database (idempotent: planned tables stay).
+pub fn plan_tables(task_id: i64, datname: &str, tables: &[PlannedTable]) -> SpiResult<()> {
+    for table in tables {
+        Spi::run_with_args(
+            "INSERT INTO cloudmig.table_copy (task_id, datname, schema_name, table_name, bytes_total, rows_estimated) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            &[
+                task_id.into(),
+                datname.into(),
+                table.schema_name.as_str().into(),
+                table.table_name.as_str().into(),
+                table.bytes_total.into(),
+                table.rows_estimated.into(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Tables of a database not yet copied, largest first.
+pub fn tables_to_copy(task_id: i64, datname: &str) -> SpiResult<Vec<TableCopy>> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT datname, schema_name, table_name, state FROM cloudmig.table_copy \
+                  WHERE task_id = $1 AND datname = $2 AND state IN ('pending', 'copying') \
+                  ORDER BY bytes_total DESC, schema_name, table_name",
+                None,
+                &[task_id.into(), datname.into()],
+            )?
+            .map(|row| {
+                Ok(TableCopy {
+                    datname: row.get(1)?.unwrap_or_default(),
+                    schema_name: row.get(2)?.unwrap_or_default(),
+                    table_name: row.get(3)?.unwrap_or_default(),
+                    state: row.get(4)?.unwrap_or_default(),
+                })
+            })
+            .collect()
+    })
+}
+
+/// A table's copy started (at the snapshot of `sync_lsn`).
+pub fn mark_copying(task_id: i64, table: &TableCopy, sync_lsn: &str) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.table_copy SET state = 'copying', sync_lsn = $5::pg_lsn, rows_copied = 0, \
+                bytes_copied = 0, started_at = pg_catalog.clock_timestamp(), finished_at = NULL \
+          WHERE task_id = $1 AND datname = $2 AND schema_name = $3 AND table_name = $4",
+        &[
+            task_id.into(),
+            table.datname.as_str().into(),
+            table.schema_name.as_str().into(),
+            table.table_name.as_str().into(),
+            sync_lsn.into(),
+        ],
+    )
+}
+
+/// A table's copy committed here.
+pub fn mark_copied(task_id: i64, table: &TableCopy, rows: i64, bytes: i64) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.table_copy SET state = 'copied', rows_copied = $5, bytes_copied = $6, \
+                finished_at = pg_catalog.clock_timestamp() \
+          WHERE task_id = $1 AND datname = $2 AND schema_name = $3 AND table_name = $4",
+        &[
+            task_id.into(),
+            table.datname.as_str().into(),
+            table.schema_name.as_str().into(),
+            table.table_name.as_str().into(),
+            rows.into(),
+            bytes.into(),
+        ],
+    )
+}
+
+/// After post-data, every copied table of a database has its indexes.
+pub fn mark_indexed(task_id: i64, datname: &str) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.table_copy SET state = 'indexed' \
+          WHERE task_id = $1 AND datname = $2 AND state = 'copied'",
+        &[task_id.into(), datname.into()],
+    )
+}

@@ -1,0 +1,185 @@
+//! Streams rows into a local table through PostgreSQL's COPY FROM, fed by a
+//! closure that yields the source's `COPY ... TO STDOUT` chunks.
+//!
+//! PostgreSQL's data-source callback carries no user pointer, so the feed is
+//! parked in a thread-local for the duration of one [`copy_into`] call, the
+//! way tablesync.c parks its connection in a global. Only the backend's main
+//! thread ever runs this.
+
+use bytes::{Buf, Bytes};
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::ffi::CString;
+
+/// Yields the next chunk of COPY text data, None at the end.
+pub type NextChunk<'a> = dyn FnMut() -> Result<Option<Bytes>, String> + 'a;
+
+/// The feed of the COPY in progress.
+struct Feed {
+    /// Valid only while `copy_into` runs (it clears it before returning,
+    /// also on unwind).
+    next: *mut NextChunk<'static>,
+    pending: Bytes,
+    bytes: u64,
+    rows: u64,
+    progress: *mut dyn FnMut(u64, u64),
+}
+
+thread_local! {
+    static FEED: RefCell<Option<Feed>> = const { RefCell::new(None) };
+}
+
+/// Clears the feed on every way out of `copy_into`.
+struct ClearFeed;
+
+impl Drop for ClearFeed {
+    fn drop(&mut self) {
+        FEED.with(|feed| feed.borrow_mut().take());
+    }
+}
+
+/// What one COPY moved.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyStats {
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// Copies into `schema.table` (columns `columns`, in the order the source
+/// sends them; empty means all) everything `next` yields. `progress(rows,
+/// bytes)` is called after every chunk. Must run inside a transaction; raises
+/// an ERROR (after which the caller aborts) on bad data or a feed error.
+pub fn copy_into(
+    schema: &str,
+    table: &str,
+    columns: &[String],
+    next: &mut NextChunk<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> CopyStats {
+    // SAFETY: the lifetime is erased only for the thread-local; ClearFeed
+    // removes the pointer before `next` and `progress` go out of scope.
+    let next: *mut NextChunk<'static> = unsafe { std::mem::transmute(next as *mut NextChunk<'_>) };
+    let progress: *mut dyn FnMut(u64, u64) = unsafe { std::mem::transmute(progress) };
+    FEED.with(|feed| {
+        *feed.borrow_mut() = Some(Feed {
+            next,
+            pending: Bytes::new(),
+            bytes: 0,
+            rows: 0,
+            progress,
+        })
+    });
+    let _clear = ClearFeed;
+    let schema_c = CString::new(schema).unwrap_or_default();
+    let table_c = CString::new(table).unwrap_or_default();
+    let column_names: Vec<CString> = columns
+        .iter()
+        .map(|c| CString::new(c.as_str()).unwrap_or_default())
+        .collect();
+    // SAFETY: the COPY FROM sequence of tablesync.c's copy_table(), on the
+    // main thread inside a transaction; names are copied into palloc'd memory.
+    unsafe {
+        let range_var = pg_sys::makeRangeVar(
+            pg_sys::pstrdup(schema_c.as_ptr()),
+            pg_sys::pstrdup(table_c.as_ptr()),
+            -1,
+        );
+        let rel = pg_sys::table_openrv(range_var, pg_sys::RowExclusiveLock as i32);
+        let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
+        pg_sys::addRangeTableEntryForRelation(
+            pstate,
+            rel,
+            pg_sys::AccessShareLock as i32,
+            std::ptr::null_mut(),
+            false,
+            false,
+        );
+        let mut attnames: *mut pg_sys::List = std::ptr::null_mut();
+        for name in &column_names {
+            attnames = pg_sys::lappend(
+                attnames,
+                pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast(),
+            );
+        }
+        let cstate = pg_sys::BeginCopyFrom(
+            pstate,
+            rel,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            false,
+            Some(read_copy_data),
+            attnames,
+            std::ptr::null_mut(),
+        );
+        pg_sys::CopyFrom(cstate);
+        pg_sys::EndCopyFrom(cstate);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+    }
+    FEED.with(|feed| {
+        feed.borrow()
+            .as_ref()
+            .map(|f| CopyStats {
+                rows: f.rows,
+                bytes: f.bytes,
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// COPY FROM's data source: fills `outbuf` with at least `minread` and at
+/// most `maxread` bytes, or fewer at the end of the data.
+#[pg_guard]
+unsafe extern "C-unwind" fn read_copy_data(
+    outbuf: *mut std::ffi::c_void,
+    minread: std::ffi::c_int,
+    maxread: std::ffi::c_int,
+) -> std::ffi::c_int {
+    let (minread, maxread) = (minread.max(0) as usize, maxread.max(0) as usize);
+    let mut written = 0usize;
+    let mut failure = None;
+    FEED.with(|feed| {
+        let mut feed = feed.borrow_mut();
+        let Some(feed) = feed.as_mut() else {
+            failure = Some("cloudmig: COPY data requested with no source attached".to_string());
+            return;
+        };
+        while written < maxread {
+            if feed.pending.is_empty() {
+                if written >= minread.max(1) {
+                    break;
+                }
+                // SAFETY: the pointer is valid while copy_into runs.
+                match unsafe { (*feed.next)() } {
+                    Ok(Some(chunk)) => {
+                        feed.bytes += chunk.len() as u64;
+                        feed.rows += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+                        // SAFETY: as above.
+                        unsafe { (*feed.progress)(feed.rows, feed.bytes) };
+                        feed.pending = chunk;
+                        continue;
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                }
+            }
+            let n = feed.pending.len().min(maxread - written);
+            // SAFETY: outbuf has room for maxread bytes (COPY's contract).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    feed.pending.as_ptr(),
+                    (outbuf as *mut u8).add(written),
+                    n,
+                );
+            }
+            feed.pending.advance(n);
+            written += n;
+        }
+    });
+    if let Some(message) = failure {
+        pgrx::error!("{message}");
+    }
+    written as std::ffi::c_int
+}

@@ -1,0 +1,12 @@
+//! Table data: planning what to copy from a source database, and streaming
+//! one table's `COPY ... TO STDOUT` from the source straight into the local
+//! table through PostgreSQL's own COPY FROM machinery (as tablesync.c does),
+//! with no client connection back into this server.
+
+pub mod into_table;
+pub mod objects;
+
+/// The tables to copy, largest first (runs on the source, in the snapshot).
+pub const SOURCE_TABLES_SQL: &str = include_str!("sql/source_tables.sql");
+/// Sequence states at the snapshot (runs on the source).
+pub const SOURCE_SEQUENCES_SQL: &str = include_str!("sql/source_sequences.sql");

@@ -1,0 +1,152 @@
+//! What is not table rows: sequences, large objects, materialized views.
+//! Each reads the source through a connection already inside the copy's
+//! snapshot and writes here through SPI, in the caller's transaction.
+
+use super::SOURCE_SEQUENCES_SQL;
+use crate::source::{quote_literal, Connection, SourceError};
+use pgrx::prelude::*;
+
+/// Why copying such objects failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectsError {
+    #[error("{0}")]
+    Source(#[from] SourceError),
+    #[error("{0}")]
+    Local(#[from] pgrx::spi::Error),
+}
+
+/// Sets every sequence here to its value at the snapshot; returns how many.
+pub fn copy_sequences(source: &mut Connection) -> Result<usize, ObjectsError> {
+    let rows = source.simple_query(SOURCE_SEQUENCES_SQL)?;
+    for row in &rows {
+        let name = row.try_get("name")?.unwrap_or_default();
+        let (value, is_called) = match row.get("last_value") {
+            Some(value) => (value.to_string(), true),
+            None => (row.get("start_value").unwrap_or("1").to_string(), false),
+        };
+        Spi::run_with_args(
+            "SELECT pg_catalog.setval($1::regclass, $2::bigint, $3)",
+            &[name.into(), value.as_str().into(), is_called.into()],
+        )?;
+    }
+    Ok(rows.len())
+}
+
+/// Copies every large object with its owner and privileges; returns how many.
+pub fn copy_large_objects(source: &mut Connection) -> Result<usize, ObjectsError> {
+    let objects = source.simple_query(
+        "SELECT m.oid::text AS oid, pg_catalog.pg_get_userbyid(m.lomowner) AS owner, \
+                m.lomacl::text AS acl \
+           FROM pg_catalog.pg_largeobject_metadata m ORDER BY m.oid",
+    )?;
+    for object in &objects {
+        let oid = object.try_get("oid")?.unwrap_or_default().to_string();
+        let data = source
+            .simple_query(&format!(
+                "SELECT pg_catalog.lo_get({}) AS data",
+                quote_literal(&oid)
+            ))?
+            .into_iter()
+            .next()
+            .and_then(|row| row.get("data").map(str::to_string))
+            .unwrap_or_default();
+        Spi::run_with_args(
+            "SELECT pg_catalog.lo_from_bytea($1::oid, $2::bytea)",
+            &[oid.as_str().into(), data.as_str().into()],
+        )?;
+        if let Some(owner) = object.get("owner") {
+            Spi::run(&format!(
+                "ALTER LARGE OBJECT {oid} OWNER TO {}",
+                crate::source::quote_ident(owner)
+            ))?;
+        }
+        for grant in large_object_grants(&oid, object.get("acl").unwrap_or("")) {
+            Spi::run(&grant)?;
+        }
+    }
+    Ok(objects.len())
+}
+
+/// GRANT statements recreating a large object's ACL (`{grantee=rw/grantor,...}`).
+pub fn large_object_grants(oid: &str, acl: &str) -> Vec<String> {
+    let inner = acl.trim().trim_start_matches('{').trim_end_matches('}');
+    let mut grants = Vec::new();
+    for item in split_acl_items(inner) {
+        let Some((grantee, rest)) = item.rsplit_once('=').map(|(g, r)| (g.to_string(), r)) else {
+            continue;
+        };
+        let privileges = rest.split('/').next().unwrap_or("");
+        let grantee = grantee.trim_matches('"').replace("\"\"", "\"");
+        let target = if grantee.is_empty() {
+            "PUBLIC".to_string()
+        } else {
+            crate::source::quote_ident(&grantee)
+        };
+        for (letter, privilege) in [('r', "SELECT"), ('w', "UPDATE")] {
+            if privileges.contains(letter) {
+                grants.push(format!(
+                    "GRANT {privilege} ON LARGE OBJECT {oid} TO {target}"
+                ));
+            }
+        }
+    }
+    grants
+}
+
+/// Splits aclitem[] text at commas outside double quotes.
+fn split_acl_items(text: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                current.push(c);
+            }
+            ',' if !quoted => items.push(std::mem::take(&mut current)),
+            _ => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        items.push(current);
+    }
+    items
+}
+
+/// Refreshes here every materialized view that is populated on the source.
+pub fn refresh_materialized_views(source: &mut Connection) -> Result<usize, ObjectsError> {
+    let views = source.simple_query(
+        "SELECT pg_catalog.format('%I.%I', schemaname, matviewname) AS name \
+           FROM pg_catalog.pg_matviews WHERE ispopulated ORDER BY 1",
+    )?;
+    for view in &views {
+        let name = view.try_get("name")?.unwrap_or_default();
+        Spi::run(&format!("REFRESH MATERIALIZED VIEW {name}"))?;
+    }
+    Ok(views.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_object_acls_become_grants() {
+        let grants = large_object_grants(
+            "42",
+            "{postgres=rw/postgres,alice=r/postgres,=w/postgres,\"Bob, Jr\"=r/postgres}",
+        );
+        assert_eq!(
+            grants,
+            vec![
+                "GRANT SELECT ON LARGE OBJECT 42 TO \"postgres\"",
+                "GRANT UPDATE ON LARGE OBJECT 42 TO \"postgres\"",
+                "GRANT SELECT ON LARGE OBJECT 42 TO \"alice\"",
+                "GRANT UPDATE ON LARGE OBJECT 42 TO PUBLIC",
+                "GRANT SELECT ON LARGE OBJECT 42 TO \"Bob, Jr\"",
+            ]
+        );
+        assert!(large_object_grants("1", "").is_empty());
+    }
+}

@@ -1,0 +1,77 @@
+//! Running SQL in this server on behalf of a migration.
+//!
+//! A pg_dump script runs through SPI as one multi-statement string, so it is
+//! applied atomically in the caller's transaction. `CREATE DATABASE` refuses
+//! to run inside a function (SPI), so [`toplevel_utility`] plans and runs
+//! such a statement as a top-level command, as `exec_simple_query` does.
+
+use pgrx::prelude::*;
+use std::ffi::CString;
+
+/// Runs a whole script (several statements) through SPI.
+pub fn script(sql: &str) -> Result<(), pgrx::spi::Error> {
+    if sql.trim().is_empty() {
+        return Ok(());
+    }
+    Spi::run(sql)
+}
+
+/// Runs utility statements (e.g. `CREATE DATABASE`) as top-level commands.
+/// Must be called in a transaction that is not a transaction block (a
+/// background worker's own StartTransactionCommand is one).
+pub fn toplevel_utility(sql: &str) {
+    let query = CString::new(sql.replace('\0', "")).unwrap_or_default();
+    // SAFETY: the parse/analyze/plan/ProcessUtility sequence of
+    // exec_simple_query, on the backend's main thread inside a transaction;
+    // every pointer comes from the previous call.
+    unsafe {
+        let raw_statements = pg_sys::pg_parse_query(query.as_ptr());
+        for raw in list_pointers::<pg_sys::RawStmt>(raw_statements) {
+            let queries = pg_sys::pg_analyze_and_rewrite_fixedparams(
+                raw,
+                query.as_ptr(),
+                std::ptr::null(),
+                0,
+                std::ptr::null_mut(),
+            );
+            let planned = pg_sys::pg_plan_queries(
+                queries,
+                query.as_ptr(),
+                pg_sys::CURSOR_OPT_PARALLEL_OK as i32,
+                std::ptr::null_mut(),
+            );
+            for statement in list_pointers::<pg_sys::PlannedStmt>(planned) {
+                if (*statement).commandType != pg_sys::CmdType::CMD_UTILITY {
+                    pgrx::error!("cloudmig: only utility statements run at top level");
+                }
+                pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+                pg_sys::ProcessUtility(
+                    statement,
+                    query.as_ptr(),
+                    false,
+                    pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    pg_sys::None_Receiver,
+                    std::ptr::null_mut(),
+                );
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommandCounterIncrement();
+            }
+        }
+    }
+}
+
+/// The pointer elements of a PostgreSQL List.
+///
+/// # Safety
+/// `list` must be NIL or a valid List of pointers to `T`.
+unsafe fn list_pointers<T>(list: *mut pg_sys::List) -> Vec<*mut T> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    let length = (*list).length.max(0) as usize;
+    (0..length)
+        .map(|i| (*(*list).elements.add(i)).ptr_value as *mut T)
+        .collect()
+}

@@ -1,0 +1,240 @@
+//! The database worker: connected to one database of this instance, it runs
+//! the jobs the task worker hands it through its shared-memory slot (see
+//! [`super::jobs`]): apply a schema script, copy a table, sequences, large
+//! objects, refresh materialized views. Every job is one local transaction.
+
+use super::shared::{self, JobKind, JobState, JOBS, TASK};
+use super::txn::{self, Failure};
+use crate::copy::{into_table, objects};
+use crate::schema::execute;
+use crate::source::{quote_ident, quote_literal, ConnInfo, ConnectOptions, Connection};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::time::Duration;
+
+/// A source session inside a snapshot, kept across jobs that share it.
+struct Session {
+    snapshot: String,
+    connection: Connection,
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn cloudmig_database_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let index = arg.value();
+    let database = match JOBS.share().get(index) {
+        Some(slot) => slot.database.get(),
+        None => return,
+    };
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // SAFETY: MyProcPid is set at process start.
+    let my_pid = unsafe { pg_sys::MyProcPid };
+    JOBS.exclusive()[index].worker_pid = my_pid;
+    let mut session: Option<Session> = None;
+    while !txn::shutdown_requested() {
+        let job = {
+            let mut slots = JOBS.exclusive();
+            let slot = &mut slots[index];
+            match slot.state {
+                JobState::Exit => break,
+                JobState::Assigned => {
+                    slot.state = JobState::Running;
+                    Some(*slot)
+                }
+                _ => None,
+            }
+        };
+        let Some(job) = job else {
+            txn::nap(Duration::from_secs(1));
+            continue;
+        };
+        let result = run_job(index, &database, &job, &mut session);
+        let task_pid = {
+            let mut slots = JOBS.exclusive();
+            let slot = &mut slots[index];
+            match &result {
+                Ok(()) => slot.state = JobState::Done,
+                Err(failure) => {
+                    slot.error.set(&failure.message);
+                    slot.state = JobState::Failed;
+                }
+            }
+            TASK.share().worker_pid
+        };
+        if result.is_err() {
+            // The source session may be mid-COPY: start afresh next time.
+            session = None;
+        }
+        shared::wake(task_pid);
+    }
+}
+
+fn source_info(database: &str) -> Result<ConnInfo, Failure> {
+    let conninfo = TASK.share().conninfo.get();
+    ConnInfo::parse(&conninfo)
+        .map(|info| info.with_dbname(database))
+        .map_err(|e| Failure::new(format!("invalid source connection string: {e}")))
+}
+
+/// A source connection in `snapshot` (or in a plain read-only transaction
+/// when it is empty), with row security off so a policy cannot hide rows.
+fn open_session(database: &str, snapshot: &str) -> Result<Session, Failure> {
+    let info = source_info(database)?;
+    let mut options = ConnectOptions::new();
+    options.interrupt_check = Some(Box::new(txn::interrupt_check));
+    options.io_timeout = crate::guc::source_timeout();
+    let mut connection = Connection::connect(&info, options).map_err(source_failure)?;
+    let mut setup = vec!["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_string()];
+    if !snapshot.is_empty() {
+        setup.push(format!(
+            "SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ));
+    }
+    setup.extend(
+        [
+            "SET LOCAL row_security = off",
+            "SET LOCAL statement_timeout = 0",
+            "SET LOCAL lock_timeout = 0",
+        ]
+        .map(str::to_string),
+    );
+    for statement in setup {
+        connection.execute(&statement).map_err(source_failure)?;
+    }
+    Ok(Session {
+        snapshot: snapshot.to_string(),
+        connection,
+    })
+}
+
+fn source_failure(error: crate::source::SourceError) -> Failure {
+    Failure {
+        hint: error.hint(),
+        message: error.to_string(),
+    }
+}
+
+fn session_for<'s>(
+    session: &'s mut Option<Session>,
+    database: &str,
+    snapshot: &str,
+) -> Result<&'s mut Connection, Failure> {
+    if session.as_ref().is_none_or(|s| s.snapshot != snapshot) {
+        *session = Some(open_session(database, snapshot)?);
+    }
+    match session.as_mut() {
+        Some(session) => Ok(&mut session.connection),
+        None => Err(Failure::new("no source session")),
+    }
+}
+
+fn run_job(
+    index: usize,
+    database: &str,
+    job: &shared::JobSlot,
+    session: &mut Option<Session>,
+) -> Result<(), Failure> {
+    let snapshot = job.snapshot.get();
+    match job.kind {
+        JobKind::ApplyScript => {
+            let path = job.path.get();
+            let sql = std::fs::read_to_string(&path)
+                .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
+            txn::run(|| execute::script(&sql).map_err(|e| Failure::new(e.to_string())))
+        }
+        JobKind::CopyTable => {
+            let connection = session_for(session, database, &snapshot)?;
+            copy_table(
+                index,
+                connection,
+                &job.schema.get(),
+                &job.table.get(),
+                job.truncate_first,
+            )
+        }
+        JobKind::CopySequences => {
+            let connection = session_for(session, database, &snapshot)?;
+            txn::run(|| {
+                objects::copy_sequences(connection)
+                    .map(|_| ())
+                    .map_err(|e| Failure::new(e.to_string()))
+            })
+        }
+        JobKind::CopyLargeObjects => {
+            let connection = session_for(session, database, &snapshot)?;
+            txn::run(|| {
+                objects::copy_large_objects(connection)
+                    .map(|_| ())
+                    .map_err(|e| Failure::new(e.to_string()))
+            })
+        }
+        JobKind::RefreshMaterializedViews => {
+            let connection = session_for(session, database, &snapshot)?;
+            txn::run(|| {
+                objects::refresh_materialized_views(connection)
+                    .map(|_| ())
+                    .map_err(|e| Failure::new(e.to_string()))
+            })
+        }
+        JobKind::None => Ok(()),
+    }
+}
+
+/// Copies one table: its rows at the session's snapshot replace whatever an
+/// interrupted earlier attempt left, in one local transaction.
+fn copy_table(
+    index: usize,
+    connection: &mut Connection,
+    schema: &str,
+    table: &str,
+    truncate_first: bool,
+) -> Result<(), Failure> {
+    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    let columns: Vec<String> = connection
+        .simple_query(&format!(
+            "SELECT attname FROM pg_catalog.pg_attribute \
+              WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped \
+                AND attgenerated = '' ORDER BY attnum",
+            quote_literal(&qualified)
+        ))
+        .map_err(source_failure)?
+        .iter()
+        .filter_map(|row| row.get("attname").map(str::to_string))
+        .collect();
+    let column_list = if columns.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " ({})",
+            columns
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    txn::run(|| {
+        if truncate_first {
+            Spi::run(&format!("TRUNCATE ONLY {qualified}"))
+                .map_err(|e| Failure::new(e.to_string()))?;
+        }
+        let mut copy = connection
+            .copy_out(&format!("COPY {qualified}{column_list} TO STDOUT"))
+            .map_err(source_failure)?;
+        let mut next = || copy.next_chunk().map_err(|e| e.to_string());
+        let mut progress = |rows: u64, bytes: u64| {
+            let mut slots = JOBS.exclusive();
+            slots[index].rows = rows;
+            slots[index].bytes = bytes;
+        };
+        let stats = into_table::copy_into(schema, table, &columns, &mut next, &mut progress);
+        // The source's own count ("COPY n") is exact; ours counts lines.
+        let rows = copy.rows().unwrap_or(stats.rows);
+        let mut slots = JOBS.exclusive();
+        slots[index].rows = rows;
+        slots[index].bytes = stats.bytes;
+        Ok(())
+    })
+}

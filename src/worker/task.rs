@@ -1,0 +1,658 @@
+//! The task worker: runs one migration task through its phases, connected to
+//! the control database (where the catalog lives).
+//!
+//! Per phase, for every source database:
+//! * `roles`: `pg_dumpall --roles-only`, roles that exist here left alone;
+//! * `schema`: a permanent logical slot (pgoutput) created on a replication
+//!   connection that exports a snapshot and stays open; `pg_dump --create
+//!   --section=pre-data --snapshot`; the database created here (top level) and
+//!   the rest applied inside it by a database worker;
+//! * `full_copy`: the tables planned from the source at the snapshot, copied
+//!   by up to `copy_workers` database workers, largest first, then sequences
+//!   and large objects at the same snapshot;
+//! * `post_data`: indexes, constraints, triggers (pg_dump post-data), then
+//!   materialized views refreshed; the snapshots are released.
+//!
+//! Resuming (the worker died or the destination restarted): every step is
+//! recorded per database and per table, so a new worker continues where the
+//! last stopped. Exported snapshots die with their connection, so a resumed
+//! copy takes a fresh snapshot from a *temporary* slot for the tables still to
+//! copy and records its LSN as their `sync_lsn`; tables already copied keep
+//! theirs, and the permanent slot keeps every change since the first
+//! snapshot. Applying a table's changes then skips transactions committed at
+//! or before its `sync_lsn`, as PostgreSQL's tablesync does, so the result is
+//! consistent. A table whose copy was interrupted is emptied and copied again.
+
+use super::jobs::{self, Job, JobResult, Stop};
+use super::shared::{self, JobKind, TASK};
+use super::txn::{self, Failure};
+use crate::catalog::tasks::{self, Phase, PlannedTable, TableCopy, Task, TaskDatabase};
+use crate::copy::SOURCE_TABLES_SQL;
+use crate::schema::{dump, execute, roles, script};
+use crate::source::{
+    quote_literal, ConnInfo, ConnectOptions, Connection, CreatedSlot, SourceError,
+};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+/// Starts a task worker for `task_id` (from the launcher).
+pub fn start_worker(task_id: i64) {
+    let started = BackgroundWorkerBuilder::new(&format!("cloudmig task {task_id}"))
+        .set_type("cloudmig task")
+        .set_library("cloudmig")
+        .set_function("cloudmig_task_main")
+        .set_argument(Some(pg_sys::Datum::from(task_id)))
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(None)
+        .load_dynamic();
+    if started.is_err() {
+        pgrx::log!("cloudmig: no background worker slot is free to run task {task_id}");
+    }
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn cloudmig_task_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let task_id = arg.value() as i64;
+    BackgroundWorker::connect_worker_to_spi(Some(&crate::guc::database()), None);
+    // SAFETY: MyProcPid is set at process start.
+    let my_pid = unsafe { pg_sys::MyProcPid };
+    {
+        let mut task = TASK.exclusive();
+        if task.task_id == task_id
+            && task.worker_pid != my_pid
+            && shared::process_alive(task.worker_pid)
+        {
+            return; // another worker already runs it
+        }
+        task.task_id = task_id;
+        task.worker_pid = my_pid;
+    }
+    let outcome = Runner::load(task_id).and_then(|mut runner| {
+        let result = runner.run();
+        runner.release_snapshots();
+        result
+    });
+    let recorded = match outcome {
+        Ok(()) | Err(Stop::Shutdown) => Ok(()),
+        Err(Stop::Failed(failure)) => {
+            pgrx::log!("cloudmig: task {task_id} failed: {failure}");
+            txn::spi(|| tasks::fail(task_id, &failure.message, failure.hint.as_deref()))
+        }
+        Err(Stop::Cancelled) => Ok(()), // cloudmig.cancel() finishes the job
+    };
+    if let Err(failure) = recorded {
+        pgrx::log!("cloudmig: could not record the outcome of task {task_id}: {failure}");
+    }
+    let mut task = TASK.exclusive();
+    if task.worker_pid == my_pid {
+        task.worker_pid = 0;
+        task.conninfo.set("");
+    }
+}
+
+/// A snapshot exported by a replication connection that stays open.
+struct HeldSnapshot {
+    connection: Connection,
+    slot: CreatedSlot,
+}
+
+struct Runner {
+    task: Task,
+    info: ConnInfo,
+    work_dir: PathBuf,
+    copy_workers: usize,
+    snapshots: HashMap<String, HeldSnapshot>,
+}
+
+fn source_failure(what: &str, error: SourceError) -> Failure {
+    Failure {
+        message: format!("{what}: {error}"),
+        hint: error.hint(),
+    }
+}
+
+impl Runner {
+    fn load(task_id: i64) -> Result<Runner, Stop> {
+        let (task, conninfo) = txn::spi(|| {
+            let Some(task) = tasks::load(task_id)? else {
+                return Ok(None);
+            };
+            let conninfo = Spi::get_one_with_args::<String>(
+                "SELECT conninfo FROM cloudmig.source_secret WHERE assessment_id = $1",
+                &[task.assessment_id.into()],
+            )?;
+            tasks::note_worker_start(task_id)?;
+            Ok(Some((task, conninfo.unwrap_or_default())))
+        })?
+        .ok_or_else(|| Stop::Failed(Failure::new(format!("task {task_id} does not exist"))))?;
+        let info = ConnInfo::parse(&conninfo).map_err(|e| {
+            Stop::Failed(Failure::new(format!(
+                "invalid source connection string: {e}"
+            )))
+        })?;
+        TASK.exclusive().conninfo.set(&conninfo);
+        let copy_workers = task
+            .options
+            .get("copy_workers")
+            .and_then(serde_json::Value::as_u64)
+            .map(|n| n as usize)
+            .unwrap_or_else(|| crate::guc::copy_workers() as usize);
+        let work_dir = work_dir(task_id);
+        std::fs::create_dir_all(&work_dir).map_err(|e| {
+            Stop::Failed(Failure::new(format!(
+                "could not create {}: {e}",
+                work_dir.display()
+            )))
+        })?;
+        Ok(Runner {
+            task,
+            info,
+            work_dir,
+            copy_workers,
+            snapshots: HashMap::new(),
+        })
+    }
+
+    fn should_stop(&self) -> Option<Stop> {
+        if txn::shutdown_requested() {
+            Some(Stop::Shutdown)
+        } else if shared::cancel_requested() == Some(self.task.id) {
+            Some(Stop::Cancelled)
+        } else {
+            None
+        }
+    }
+
+    fn check(&self) -> Result<(), Stop> {
+        self.should_stop().map_or(Ok(()), Err)
+    }
+
+    fn set_phase(&mut self, phase: Phase, message: &str) -> Result<(), Stop> {
+        let id = self.task.id;
+        txn::spi(|| tasks::set_phase(id, phase, message))?;
+        self.task.phase = phase;
+        Ok(())
+    }
+
+    fn event(&self, datname: Option<&str>, kind: &str, message: &str) -> Result<(), Stop> {
+        let id = self.task.id;
+        txn::spi(|| tasks::add_event(id, datname, kind, message))?;
+        Ok(())
+    }
+
+    fn databases(&self) -> Result<Vec<TaskDatabase>, Stop> {
+        let id = self.task.id;
+        Ok(txn::spi(|| tasks::databases(id))?)
+    }
+
+    fn set_database_state(
+        &self,
+        datname: &str,
+        state: &str,
+        lsn: Option<&str>,
+    ) -> Result<(), Stop> {
+        let id = self.task.id;
+        txn::spi(|| tasks::set_database_state(id, datname, state, lsn))?;
+        Ok(())
+    }
+
+    fn connect(&self, dbname: &str, replication: bool) -> Result<Connection, Stop> {
+        let mut options = ConnectOptions::new();
+        options.replication = replication;
+        options.io_timeout = crate::guc::source_timeout();
+        options.interrupt_check = Some(Box::new(txn::interrupt_check));
+        Connection::connect(&self.info.with_dbname(dbname), options).map_err(|e| {
+            Stop::Failed(source_failure(
+                &format!("could not connect to source database {dbname}"),
+                e,
+            ))
+        })
+    }
+
+    fn run(&mut self) -> Result<(), Stop> {
+        loop {
+            self.check()?;
+            match self.task.phase {
+                Phase::Created => self.set_phase(Phase::Roles, "")?,
+                Phase::Roles => {
+                    self.copy_roles()?;
+                    self.set_phase(Phase::Schema, "")?;
+                }
+                Phase::Schema => {
+                    self.apply_pre_data()?;
+                    self.set_phase(Phase::FullCopy, "")?;
+                }
+                Phase::FullCopy => {
+                    self.copy_data()?;
+                    self.set_phase(Phase::PostData, "")?;
+                }
+                Phase::PostData => {
+                    self.apply_post_data()?;
+                    self.release_snapshots();
+                    let _ = std::fs::remove_dir_all(&self.work_dir);
+                    self.set_phase(
+                        Phase::CopyComplete,
+                        "every database is copied; waiting for the apply of changes",
+                    )?;
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    fn dump(&self, program: &str, args: &[&str], dbname: &str) -> Result<String, Stop> {
+        dump::run(
+            program,
+            args,
+            &self.info,
+            dbname,
+            &self.work_dir,
+            txn::interrupt_check,
+        )
+        .map_err(|e| Stop::Failed(Failure::new(e.to_string())))
+    }
+
+    fn copy_roles(&mut self) -> Result<(), Stop> {
+        let first_db = self
+            .info
+            .effective_dbname()
+            .unwrap_or("postgres")
+            .to_string();
+        let mut connection = self.connect(&first_db, false)?;
+        let superuser = connection
+            .simple_query("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+            .map_err(|e| Stop::Failed(source_failure("could not read the migration account", e)))?
+            .first()
+            .map(|row| row.get("rolsuper") == Some("t"))
+            .unwrap_or(false);
+        connection.close();
+        let mut args = vec!["--roles-only"];
+        if !superuser {
+            args.push("--no-role-passwords");
+        }
+        let dump = self.dump("pg_dumpall", &args, &first_db)?;
+        let existing: HashSet<String> = txn::spi(|| {
+            Spi::connect(|client| {
+                client
+                    .select("SELECT rolname::text FROM pg_catalog.pg_roles", None, &[])?
+                    .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+                    .collect::<Result<HashSet<String>, _>>()
+            })
+        })?;
+        let statements = roles::statements_for_new_roles(&dump, &existing);
+        let created: Vec<String> = roles::created_roles(&dump)
+            .into_iter()
+            .filter(|r| !existing.contains(r))
+            .collect();
+        let id = self.task.id;
+        txn::run(|| {
+            for statement in &statements {
+                Spi::run(statement).map_err(|e| Failure::new(format!("{e} (in: {statement})")))?;
+            }
+            let kept = existing.len();
+            let mut message = format!("{} role(s) created", created.len());
+            if kept > 0 {
+                message.push_str("; roles that already existed here were left unchanged");
+            }
+            tasks::add_event(id, None, "info", &message)
+                .map_err(|e| Failure::new(e.to_string()))?;
+            if !superuser {
+                for role in &created {
+                    tasks::add_event(
+                        id,
+                        None,
+                        "warning",
+                        &format!(
+                            "role {role} was created without its password: the migration account \
+                             cannot read passwords; set it with ALTER ROLE ... PASSWORD"
+                        ),
+                    )
+                    .map_err(|e| Failure::new(e.to_string()))?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Creates (or recreates) the permanent slot of a database, exporting a snapshot.
+    fn take_snapshot(
+        &mut self,
+        database: &TaskDatabase,
+        temporary_name: Option<String>,
+    ) -> Result<(), Stop> {
+        let mut connection = self.connect(&database.datname, true)?;
+        let (name, temporary) = match &temporary_name {
+            Some(name) => (name.clone(), true),
+            None => (database.slot_name.clone(), false),
+        };
+        if !temporary {
+            // A slot left by an attempt that applied nothing: start over.
+            match connection.drop_replication_slot(&name, false) {
+                Ok(()) => {}
+                Err(SourceError::Server(error)) if error.code == "42704" => {}
+                Err(e) => {
+                    return Err(Stop::Failed(source_failure(
+                        "could not drop an old slot",
+                        e,
+                    )))
+                }
+            }
+        }
+        let slot = connection
+            .create_logical_slot(&name, "pgoutput", temporary, true)
+            .map_err(|e| {
+                Stop::Failed(source_failure(
+                    &format!("could not create replication slot {name}"),
+                    e,
+                ))
+            })?;
+        self.snapshots
+            .insert(database.datname.clone(), HeldSnapshot { connection, slot });
+        Ok(())
+    }
+
+    fn snapshot_of(&self, datname: &str) -> Option<(String, String)> {
+        let held = self.snapshots.get(datname)?;
+        Some((
+            held.slot.snapshot_name.clone().unwrap_or_default(),
+            held.slot.consistent_point.to_string(),
+        ))
+    }
+
+    fn release_snapshots(&mut self) {
+        for (_, held) in self.snapshots.drain() {
+            held.connection.close();
+        }
+    }
+
+    fn run_jobs(
+        &self,
+        database: &str,
+        jobs: Vec<Job>,
+        workers: usize,
+        on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
+        on_done: &mut dyn FnMut(&Job, JobResult) -> Result<(), Failure>,
+    ) -> Result<(), Stop> {
+        jobs::run(
+            self.task.id,
+            database,
+            jobs,
+            workers,
+            &|| self.should_stop(),
+            on_assign,
+            on_done,
+        )
+    }
+
+    fn write_script(&self, name: &str, sql: &str) -> Result<String, Stop> {
+        let path = self.work_dir.join(name);
+        std::fs::write(&path, sql).map_err(|e| {
+            Stop::Failed(Failure::new(format!(
+                "could not write {}: {e}",
+                path.display()
+            )))
+        })?;
+        Ok(path.display().to_string())
+    }
+
+    fn apply_pre_data(&mut self) -> Result<(), Stop> {
+        let local: HashSet<String> = txn::spi(|| {
+            Spi::connect(|client| {
+                client
+                    .select(
+                        "SELECT datname::text FROM pg_catalog.pg_database",
+                        None,
+                        &[],
+                    )?
+                    .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+                    .collect::<Result<HashSet<String>, _>>()
+            })
+        })?;
+        for (ordinal, database) in self.databases()?.into_iter().enumerate() {
+            self.check()?;
+            if !matches!(database.state.as_str(), "pending" | "created") {
+                continue;
+            }
+            let datname = database.datname.clone();
+            self.take_snapshot(&database, None)?;
+            let (snapshot, lsn) = self.snapshot_of(&datname).unwrap_or_default();
+            let dump = self.dump(
+                "pg_dump",
+                &[
+                    "--schema-only",
+                    "--section=pre-data",
+                    "--create",
+                    "--no-publications",
+                    "--no-subscriptions",
+                    &format!("--snapshot={snapshot}"),
+                ],
+                &datname,
+            )?;
+            let split = script::split(&dump);
+            if database.state == "pending" {
+                for statement in script::database_statements(&split.before_connect) {
+                    let creates = statement
+                        .to_ascii_uppercase()
+                        .starts_with("CREATE DATABASE");
+                    if creates && local.contains(&datname) {
+                        continue; // postgres, or the control database: migrate into it
+                    }
+                    txn::run(|| {
+                        if creates {
+                            execute::toplevel_utility(&statement);
+                            Ok(())
+                        } else {
+                            Spi::run(&statement).map_err(|e| Failure::new(e.to_string()))
+                        }
+                    })?;
+                }
+                self.set_database_state(&datname, "created", Some(&lsn))?;
+            }
+            let path =
+                self.write_script(&format!("pre-data-{ordinal}.sql"), &split.after_connect)?;
+            let job = Job {
+                kind: JobKind::ApplyScript,
+                path,
+                ..Job::default()
+            };
+            self.run_jobs(&datname, vec![job], 1, &mut |_| Ok(()), &mut |_, _| Ok(()))?;
+            self.set_database_state(&datname, "schema_applied", Some(&lsn))?;
+            self.event(
+                Some(&datname),
+                "info",
+                &format!(
+                    "schema created; slot {} starts at {lsn}",
+                    database.slot_name
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn copy_data(&mut self) -> Result<(), Stop> {
+        let task_id = self.task.id;
+        for database in self.databases()? {
+            self.check()?;
+            if database.state != "schema_applied" {
+                continue;
+            }
+            let datname = database.datname.clone();
+            if !self.snapshots.contains_key(&datname) {
+                // Resumed after the first snapshot died: a temporary slot gives
+                // a fresh one for the tables still to copy (see module doc).
+                // SAFETY: MyProcPid is set at process start.
+                let pid = unsafe { pg_sys::MyProcPid };
+                self.take_snapshot(
+                    &database,
+                    Some(format!("{}_resume_{pid}", database.slot_name)),
+                )?;
+                self.event(
+                    Some(&datname),
+                    "info",
+                    "resumed: tables not yet copied are copied at a fresh snapshot",
+                )?;
+            }
+            let (snapshot, sync_lsn) = self.snapshot_of(&datname).unwrap_or_default();
+            let planned = self.plan(&datname, &snapshot)?;
+            txn::spi(|| tasks::plan_tables(task_id, &datname, &planned))?;
+            let tables = txn::spi(|| tasks::tables_to_copy(task_id, &datname))?;
+            let mut by_name: HashMap<(String, String), TableCopy> = HashMap::new();
+            let mut queue = Vec::new();
+            for table in tables {
+                queue.push(Job {
+                    kind: JobKind::CopyTable,
+                    schema: table.schema_name.clone(),
+                    table: table.table_name.clone(),
+                    snapshot: snapshot.clone(),
+                    truncate_first: table.state == "copying",
+                    ..Job::default()
+                });
+                by_name.insert((table.schema_name.clone(), table.table_name.clone()), table);
+            }
+            for kind in [JobKind::CopySequences, JobKind::CopyLargeObjects] {
+                queue.push(Job {
+                    kind,
+                    snapshot: snapshot.clone(),
+                    ..Job::default()
+                });
+            }
+            let tables_copied = std::cell::Cell::new(0u64);
+            let rows_copied = std::cell::Cell::new(0u64);
+            self.run_jobs(
+                &datname,
+                queue,
+                self.copy_workers,
+                &mut |job| match by_name.get(&(job.schema.clone(), job.table.clone())) {
+                    Some(table) if job.kind == JobKind::CopyTable => {
+                        tasks::mark_copying(task_id, table, &sync_lsn)
+                            .map_err(|e| Failure::new(e.to_string()))
+                    }
+                    _ => Ok(()),
+                },
+                &mut |job, result| match by_name.get(&(job.schema.clone(), job.table.clone())) {
+                    Some(table) if job.kind == JobKind::CopyTable => {
+                        tables_copied.set(tables_copied.get() + 1);
+                        rows_copied.set(rows_copied.get() + result.rows);
+                        tasks::mark_copied(task_id, table, result.rows as i64, result.bytes as i64)
+                            .map_err(|e| Failure::new(e.to_string()))
+                    }
+                    _ => Ok(()),
+                },
+            )?;
+            self.set_database_state(&datname, "copied", None)?;
+            self.event(
+                Some(&datname),
+                "info",
+                &format!(
+                    "data copied: {} table(s), {} row(s), sequences and large objects",
+                    tables_copied.get(),
+                    rows_copied.get()
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The tables of a source database, read at the snapshot.
+    fn plan(&self, datname: &str, snapshot: &str) -> Result<Vec<PlannedTable>, Stop> {
+        let mut connection = self.connect(datname, false)?;
+        let mut planning = || -> Result<Vec<PlannedTable>, SourceError> {
+            connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+            connection.execute(&format!(
+                "SET TRANSACTION SNAPSHOT {}",
+                quote_literal(snapshot)
+            ))?;
+            let rows = connection.simple_query(SOURCE_TABLES_SQL)?;
+            connection.execute("COMMIT")?;
+            rows.iter()
+                .map(|row| {
+                    Ok(PlannedTable {
+                        schema_name: row.try_get("schema_name")?.unwrap_or_default().to_string(),
+                        table_name: row.try_get("table_name")?.unwrap_or_default().to_string(),
+                        bytes_total: row.parse("bytes_total")?,
+                        rows_estimated: row.parse("rows_estimated")?,
+                    })
+                })
+                .collect()
+        };
+        let planned = planning().map_err(|e| {
+            Stop::Failed(source_failure(
+                &format!("could not list the tables of {datname}"),
+                e,
+            ))
+        });
+        connection.close();
+        planned
+    }
+
+    fn apply_post_data(&mut self) -> Result<(), Stop> {
+        let task_id = self.task.id;
+        for (ordinal, database) in self.databases()?.into_iter().enumerate() {
+            self.check()?;
+            if database.state != "copied" {
+                continue;
+            }
+            let datname = database.datname.clone();
+            let snapshot = self
+                .snapshot_of(&datname)
+                .map(|(name, _)| name)
+                .unwrap_or_default();
+            let mut args = vec![
+                "--schema-only".to_string(),
+                "--section=post-data".to_string(),
+                "--no-publications".to_string(),
+                "--no-subscriptions".to_string(),
+            ];
+            if !snapshot.is_empty() {
+                args.push(format!("--snapshot={snapshot}"));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let dump = self.dump("pg_dump", &args, &datname)?;
+            let path = self.write_script(
+                &format!("post-data-{ordinal}.sql"),
+                &script::split(&dump).after_connect,
+            )?;
+            let jobs = vec![
+                Job {
+                    kind: JobKind::ApplyScript,
+                    path,
+                    ..Job::default()
+                },
+                Job {
+                    kind: JobKind::RefreshMaterializedViews,
+                    snapshot,
+                    ..Job::default()
+                },
+            ];
+            self.run_jobs(&datname, jobs, 1, &mut |_| Ok(()), &mut |_, _| Ok(()))?;
+            txn::spi(|| tasks::mark_indexed(task_id, &datname))?;
+            self.set_database_state(&datname, "post_data_applied", None)?;
+            self.event(
+                Some(&datname),
+                "info",
+                "indexes, constraints and triggers created; materialized views refreshed",
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Private scratch directory of a task (pg_dump output, temporary passfiles),
+/// inside the data directory, which only the server's OS user can read.
+pub fn work_dir(task_id: i64) -> PathBuf {
+    // SAFETY: DataDir is set at postmaster start and never changes.
+    let data_dir = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) }
+        .to_string_lossy()
+        .into_owned();
+    PathBuf::from(data_dir)
+        .join("pg_cloudmig")
+        .join(format!("task_{task_id}"))
+}

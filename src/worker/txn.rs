@@ -1,0 +1,107 @@
+//! Transactions in background workers, with errors caught.
+//!
+//! A worker runs each bounded step in its own transaction. An ERROR inside
+//! (PostgreSQL's or ours) is caught, the transaction aborted, and the message
+//! and hint returned, so the worker can record why and carry on or stop
+//! cleanly instead of dying with the reason only in the server log.
+
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::pg_sys::PgTryBuilder;
+use pgrx::prelude::*;
+use std::panic::AssertUnwindSafe;
+
+/// An error caught in a worker's transaction.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl Failure {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn with_hint(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
+    }
+}
+
+fn describe(error: CaughtError) -> Failure {
+    let report = match &error {
+        CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => report,
+        CaughtError::RustPanic { ereport, .. } => ereport,
+    };
+    Failure {
+        message: report.message().to_string(),
+        hint: report.hint().map(str::to_string),
+    }
+}
+
+/// Runs `body` in a transaction of its own: committed when it returns Ok,
+/// aborted when it returns Err or raises an ERROR.
+pub fn run<R>(body: impl FnOnce() -> Result<R, Failure>) -> Result<R, Failure> {
+    // SAFETY: a background worker's transaction boundaries, on its main
+    // thread, as worker_spi does.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let body = AssertUnwindSafe(body);
+    let result = PgTryBuilder::new(AssertUnwindSafe(move || (body.0)()))
+        .catch_others(|error| Err(describe(error)))
+        .execute();
+    // SAFETY: as above; AbortCurrentTransaction also resets the snapshot stack.
+    unsafe {
+        match &result {
+            Ok(_) => {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Err(_) => pg_sys::AbortCurrentTransaction(),
+        }
+    }
+    result
+}
+
+/// Like [`run`] for SPI work whose errors are `pgrx::spi::Error`.
+pub fn spi<R>(body: impl FnOnce() -> Result<R, pgrx::spi::Error>) -> Result<R, Failure> {
+    run(|| body().map_err(|e| Failure::new(e.to_string())))
+}
+
+/// True when SIGTERM asked this worker to stop.
+pub fn shutdown_requested() -> bool {
+    pgrx::bgworkers::BackgroundWorker::sigterm_received()
+}
+
+/// Waits on the latch up to `timeout` (also waking on postmaster death, which
+/// ends the process), then handles a pending config reload.
+pub fn nap(timeout: std::time::Duration) {
+    pgrx::bgworkers::BackgroundWorker::wait_latch(Some(timeout));
+    if pgrx::bgworkers::BackgroundWorker::sighup_received() {
+        // SAFETY: reloading the config file on the worker's main thread.
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+}
+
+/// The check the source client calls while it waits: a SIGTERM or a cancel
+/// request unwinds out of the wait.
+pub fn interrupt_check() {
+    if shutdown_requested() {
+        pgrx::error!("cloudmig: worker shutting down");
+    }
+    pgrx::check_for_interrupts!();
+}

@@ -34,6 +34,10 @@ static PG_BIN_DIR: GucSetting<Option<std::ffi::CString>> =
 static DATABASE: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(Some(c"postgres"));
 
+/// How long, in seconds, a task keeps retrying while its source is
+/// unavailable before it fails.
+static SOURCE_RETRY_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(300);
+
 /// Registers every setting; called once from `_PG_init`.
 pub fn register() {
     GucRegistry::define_int_guc(
@@ -74,6 +78,16 @@ pub fn register() {
         1,
         86400,
         GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"cloudmig.source_retry_timeout",
+        c"How long a task retries while its source is unavailable before it fails.",
+        c"Retries back off from 1 to 30 seconds; each is recorded in cloudmig.events.",
+        &SOURCE_RETRY_TIMEOUT,
+        0,
+        86400,
+        GucContext::Sighup,
         GucFlags::UNIT_S,
     );
     GucRegistry::define_string_guc(
@@ -130,4 +144,9 @@ pub fn database() -> String {
         .get()
         .map(|db| db.to_string_lossy().into_owned())
         .unwrap_or_else(|| "postgres".to_string())
+}
+
+/// See [`SOURCE_RETRY_TIMEOUT`].
+pub fn source_retry_timeout() -> Duration {
+    Duration::from_secs(SOURCE_RETRY_TIMEOUT.get().max(0) as u64)
 }

@@ -33,6 +33,14 @@ pub const EXTENSION_ROLES: [&str; 1] = ["cloudmig_admin"];
 const MAX_DIFF_LINES: usize = 40;
 /// Unchanged lines shown before a change.
 const CONTEXT_LINES: usize = 3;
+/// Tables with more rows than this are not sampled for a data mismatch's message.
+const MAX_SAMPLED_ROWS: i64 = 20_000;
+/// Differing tables whose rows a data mismatch shows.
+const SAMPLED_TABLES: usize = 3;
+/// Rows shown per side and table.
+const SAMPLED_ROWS: usize = 5;
+/// A sampled row's text is cut after this many characters.
+const SAMPLED_ROW_CHARS: usize = 200;
 /// Above this many (left × right) lines the changed middle is shown as is, not aligned.
 const MAX_ALIGN_CELLS: usize = 4_000_000;
 
@@ -244,13 +252,65 @@ pub fn compare_schema(left: &Cluster, right: &Cluster, db: &str) -> Result<(), M
 }
 
 /// [`table_fingerprints`] of `db` in both clusters.
+/// For the first few differing tables that are small enough, the mismatch also shows some rows
+/// found on one side only.
 pub fn compare_data(left: &Cluster, right: &Cluster, db: &str) -> Result<(), Mismatch> {
     let what = format!("table contents (rows, checksum) of database {db:?}");
-    let diff = map_diff(
-        &table_fingerprints(left, db),
-        &table_fingerprints(right, db),
-    );
+    let (l, r) = (table_fingerprints(left, db), table_fingerprints(right, db));
+    let diff = map_diff(&l, &r).map(|mut diff| {
+        let differing = l.iter().filter_map(|(table, (l_rows, l_sum))| {
+            let (r_rows, r_sum) = r.get(table)?;
+            let small = (*l_rows).max(*r_rows) <= MAX_SAMPLED_ROWS;
+            (l_sum != r_sum && small).then_some(table)
+        });
+        for table in differing.take(SAMPLED_TABLES) {
+            diff.push_str(&format!("\nrows of {table} on one side only:\n"));
+            diff.push_str(&row_sample_diff(left, right, db, table));
+        }
+        diff
+    });
     mismatch(&what, left, right, diff)
+}
+
+/// Up to [`SAMPLED_ROWS`] rows of `table` per side that the other side lacks (as a multiset),
+/// each cut to [`SAMPLED_ROW_CHARS`] characters.
+fn row_sample_diff(left: &Cluster, right: &Cluster, db: &str, table: &str) -> String {
+    let rows = |cluster: &Cluster| -> BTreeMap<String, (usize, String)> {
+        let sql =
+            format!("SELECT md5(t::text), left(t::text, {SAMPLED_ROW_CHARS}) FROM ONLY {table} t");
+        let mut client = stable_client(cluster, db);
+        let result = client.query(&sql, &[]).unwrap_or_else(|e| {
+            panic!(
+                "cluster {} database {db}: {}\nSQL: {sql}",
+                cluster.name,
+                describe(&e)
+            )
+        });
+        let mut rows: BTreeMap<String, (usize, String)> = BTreeMap::new();
+        for row in result {
+            let entry = rows.entry(row.get(0)).or_insert((0, row.get(1)));
+            entry.0 += 1;
+        }
+        rows
+    };
+    let (l, r) = (rows(left), rows(right));
+    let mut out = Vec::new();
+    for (mark, this, other) in [("-", &l, &r), ("+", &r, &l)] {
+        let extra = this.iter().filter_map(|(hash, (n, text))| {
+            let missing = n.saturating_sub(other.get(hash).map_or(0, |(m, _)| *m));
+            (missing > 0).then(|| format!("{mark} {text}{}", times(missing)))
+        });
+        out.extend(extra.take(SAMPLED_ROWS));
+    }
+    out.join("\n")
+}
+
+fn times(n: usize) -> String {
+    if n == 1 {
+        String::new()
+    } else {
+        format!(" (x{n})")
+    }
 }
 
 /// [`sequence_values`] of `db` in both clusters.

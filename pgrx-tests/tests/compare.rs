@@ -230,8 +230,9 @@ fn helpers_see_a_pg_dump_copy_as_equal_and_catch_each_seeded_difference() {
             case.name,
             case.shows
         );
+        // At most 40 changed lines, plus context and headers.
         assert!(
-            text.lines().count() < 30,
+            text.lines().count() <= 60,
             "{}: the mismatch should show only what differs:\n{text}",
             case.name
         );
@@ -335,7 +336,7 @@ fn listings_are_not_vacuous(source: &Cluster) {
         "GRANT SELECT,INSERT ON TABLE app.orders TO etl;",
         "ALTER DEFAULT PRIVILEGES FOR ROLE app_owner IN SCHEMA app GRANT SELECT ON TABLES",
         "CREATE POLICY customers_by_region ON app.customers",
-        "PARTITION OF app.measurements_rest DEFAULT",
+        "ALTER TABLE ONLY app.measurements_rest ATTACH PARTITION app.measurements_rest_other DEFAULT;",
     ] {
         assert!(schema.contains(needle), "the app schema lacks {needle:?}");
     }

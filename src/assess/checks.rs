@@ -70,7 +70,7 @@ pub fn evaluate(survey: &SourceSurvey, dest: &DestinationFacts, limits: Limits) 
             checks.push(output_plugin(source));
             checks.push(slot_wal_keep_size(source));
             checks.push(replication_connection(source));
-            checks.push(no_concurrent_migration(source));
+            checks.push(no_concurrent_migration(source, dest));
             checks.push(extensions_available(source, dest));
             checks.push(encodings_and_locales(source, dest));
             checks.push(tables_without_replica_identity(source));
@@ -780,7 +780,7 @@ fn replication_connection(source: &SourceFacts) -> CheckResult {
     }
 }
 
-fn no_concurrent_migration(source: &SourceFacts) -> CheckResult {
+fn no_concurrent_migration(source: &SourceFacts, dest: &DestinationFacts) -> CheckResult {
     let name = "no_concurrent_migration";
     let slots: Vec<String> = source
         .slots
@@ -794,8 +794,17 @@ fn no_concurrent_migration(source: &SourceFacts) -> CheckResult {
             .map(|c| c.cloudmig_publications.clone())
             .unwrap_or_default()
     });
-    if slots.is_empty() && publications.is_empty() {
-        CheckResult::pass(name, "no cloudmig slot or publication on the source")
+    if let Some(task) = dest.active_task {
+        CheckResult::fail(
+            name,
+            format!("task {task} of this destination is still active"),
+            format!("let it finish, or stop it with SELECT cloudmig.cancel({task});"),
+        )
+    } else if slots.is_empty() && publications.is_empty() {
+        CheckResult::pass(
+            name,
+            "no cloudmig slot or publication on the source, no active task here",
+        )
     } else {
         let mut found = Vec::new();
         if !slots.is_empty() {
@@ -1202,6 +1211,7 @@ mod tests {
             max_replication_origins: 10,
             replication_origins_in_use: 0,
             available_extensions: HashMap::from([("plpgsql".to_string(), vec!["1.0".to_string()])]),
+            active_task: None,
             icu_available: true,
             locales: HashMap::new(),
         }
@@ -1416,6 +1426,16 @@ mod tests {
         assert!(check(&report, "server_version")
             .detail
             .contains("10 or later"));
+    }
+
+    #[test]
+    fn an_active_task_here_blocks_another_migration() {
+        let mut dest = empty_destination();
+        dest.active_task = Some(3);
+        let report = judge(healthy_source(), &dest);
+        let c = check(&report, "no_concurrent_migration");
+        assert_eq!(c.status, Fail);
+        assert!(c.fix.as_deref().unwrap().contains("cloudmig.cancel(3)"));
     }
 
     #[test]

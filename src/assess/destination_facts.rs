@@ -50,6 +50,8 @@ pub struct DestinationFacts {
     /// For each locale name the source uses: can it be loaded here, and its
     /// character set when it can.
     pub locales: HashMap<String, Option<String>>,
+    /// A migration task of this destination that is not cancelled.
+    pub active_task: Option<i64>,
 }
 
 fn text(sql: &str) -> String {
@@ -116,6 +118,7 @@ pub fn gather(locale_names: &BTreeSet<String>) -> DestinationFacts {
             .iter()
             .map(|name| (name.clone(), locale_codeset(name)))
             .collect(),
+        active_task: crate::catalog::tasks::active_task_id().ok().flatten(),
     }
 }
 

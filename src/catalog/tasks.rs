@@ -214,6 +214,17 @@ pub fn fail(task_id: i64, error: &str, hint: Option<&str>) -> SpiResult<()> {
     set_phase(task_id, Phase::Failed, "")
 }
 
+/// Records an error the task survives (it retries): shown in cloudmig.tasks
+/// and logged as a warning event.
+pub fn note_error(task_id: i64, error: &str, hint: Option<&str>) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.task SET last_error = $2, last_error_hint = $3, \
+                last_error_at = pg_catalog.clock_timestamp() WHERE id = $1",
+        &[task_id.into(), error.into(), hint.into()],
+    )?;
+    add_event(task_id, None, "warning", error)
+}
+
 /// Appends an event.
 pub fn add_event(task_id: i64, datname: Option<&str>, kind: &str, message: &str) -> SpiResult<()> {
     Spi::run_with_args(

@@ -27,7 +27,7 @@
 //! pays for one check per 100 ms, not one per read or per message.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -243,15 +243,6 @@ impl AsRawFd for Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
         }
     }
 }
@@ -931,8 +922,9 @@ impl Connection {
             if now >= deadline {
                 return Err(self.timeout(budget));
             }
-            let until_check = POLL_INTERVAL.saturating_sub(now - self.last_check);
-            let slice = read_slice(until_check.min(deadline - now));
+            let until_check =
+                POLL_INTERVAL.saturating_sub(now.saturating_duration_since(self.last_check));
+            let slice = read_slice(until_check.min(deadline.saturating_duration_since(now)));
             if self.read_timeout != Some(slice) {
                 self.stream
                     .set_read_timeout(Some(slice))
@@ -1475,6 +1467,7 @@ pub(crate) fn os_user_name() -> Option<String> {
 pub(crate) mod tests {
     use super::*;
     use crate::source::protocol::tests::{error_body, frame};
+    use std::io::Read;
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::thread::JoinHandle;

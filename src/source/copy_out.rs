@@ -443,7 +443,7 @@ mod tests {
         assert_eq!(copy.bytes(), total as u64);
         // Checks run before waits and every 100 ms, never once per message.
         let ran = checks.load(Ordering::Relaxed);
-        assert!(ran > 0 && ran < 1000, "{ran} interrupt checks");
+        assert!(ran > 0 && ran < 50, "{ran} interrupt checks");
         assert_usable(&mut conn);
         drop(conn);
         server.join().expect("server thread");

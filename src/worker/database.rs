@@ -57,6 +57,7 @@ pub extern "C-unwind" fn cloudmig_database_main(arg: pg_sys::Datum) {
                 Ok(()) => slot.state = JobState::Done,
                 Err(failure) => {
                     slot.error.set(&failure.message);
+                    slot.transient = failure.transient;
                     slot.state = JobState::Failed;
                 }
             }
@@ -110,10 +111,7 @@ fn open_session(database: &str, snapshot: &str) -> Result<Session, Failure> {
 }
 
 fn source_failure(error: crate::source::SourceError) -> Failure {
-    Failure {
-        hint: error.hint(),
-        message: error.to_string(),
-    }
+    Failure::from_source("", &error)
 }
 
 fn session_for<'s>(

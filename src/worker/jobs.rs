@@ -133,7 +133,7 @@ fn dispatch(
         if let Some(stop) = should_stop() {
             return Err(stop);
         }
-        let states: Vec<(JobState, JobResult, String)> = JOBS
+        let states: Vec<(JobState, JobResult, String, bool)> = JOBS
             .share()
             .iter()
             .take(count)
@@ -145,10 +145,11 @@ fn dispatch(
                         bytes: s.bytes,
                     },
                     s.error.get(),
+                    s.transient,
                 )
             })
             .collect();
-        for (index, (state, result, error)) in states.into_iter().enumerate() {
+        for (index, (state, result, error, transient)) in states.into_iter().enumerate() {
             match state {
                 JobState::Done => {
                     if let Some(job) = running[index].take() {
@@ -168,9 +169,9 @@ fn dispatch(
                         }
                         JobKind::None => "a job".to_string(),
                     };
-                    return Err(Stop::Failed(Failure::new(format!(
-                        "{what} failed: {error}"
-                    ))));
+                    let mut failure = Failure::new(format!("{what} failed: {error}"));
+                    failure.transient = transient;
+                    return Err(Stop::Failed(failure));
                 }
                 JobState::Free if running[index].is_none() => {
                     if let Some(job) = queue.pop_front() {

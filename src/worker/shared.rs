@@ -190,6 +190,8 @@ pub struct JobSlot {
     pub bytes: u64,
     /// Why the job failed.
     pub error: FixedText<1024>,
+    /// It failed because the source went away (worth a retry).
+    pub transient: bool,
 }
 // SAFETY: plain old data, no pointers.
 unsafe impl PGRXSharedMemory for JobSlot {}

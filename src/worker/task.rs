@@ -38,6 +38,7 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Starts a task worker for `task_id` (from the launcher).
 pub fn start_worker(task_id: i64) {
@@ -74,11 +75,7 @@ pub extern "C-unwind" fn cloudmig_task_main(arg: pg_sys::Datum) {
         task.task_id = task_id;
         task.worker_pid = my_pid;
     }
-    let outcome = Runner::load(task_id).and_then(|mut runner| {
-        let result = runner.run();
-        runner.release_snapshots();
-        result
-    });
+    let outcome = run_with_retries(task_id);
     let recorded = match outcome {
         Ok(()) | Err(Stop::Shutdown) => Ok(()),
         Err(Stop::Failed(failure)) => {
@@ -97,6 +94,50 @@ pub extern "C-unwind" fn cloudmig_task_main(arg: pg_sys::Datum) {
     }
 }
 
+/// Runs the task; while the source is away (network, restart), retries with
+/// a doubling backoff up to `cloudmig.source_retry_timeout`, saying so in the
+/// events. Each retry resumes from what is recorded, as after a restart.
+fn run_with_retries(task_id: i64) -> Result<(), Stop> {
+    let deadline = Instant::now() + crate::guc::source_retry_timeout();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let outcome = Runner::load(task_id).and_then(|mut runner| {
+            let result = runner.run();
+            runner.release_snapshots();
+            result
+        });
+        match outcome {
+            Err(Stop::Failed(failure)) if failure.transient && Instant::now() < deadline => {
+                let message = format!(
+                    "the source is unavailable ({failure}); retrying in {}s",
+                    backoff.as_secs()
+                );
+                txn::spi(|| tasks::note_error(task_id, &message, failure.hint.as_deref()))?;
+                let until = Instant::now() + backoff;
+                while Instant::now() < until {
+                    if txn::shutdown_requested() {
+                        return Err(Stop::Shutdown);
+                    }
+                    if shared::cancel_requested() == Some(task_id) {
+                        return Err(Stop::Cancelled);
+                    }
+                    txn::nap(Duration::from_millis(200));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(Stop::Failed(mut failure)) if failure.transient => {
+                failure.message = format!(
+                    "{} (gave up after cloudmig.source_retry_timeout = {}s)",
+                    failure.message,
+                    crate::guc::source_retry_timeout().as_secs()
+                );
+                return Err(Stop::Failed(failure));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A snapshot exported by a replication connection that stays open.
 struct HeldSnapshot {
     connection: Connection,
@@ -112,10 +153,7 @@ struct Runner {
 }
 
 fn source_failure(what: &str, error: SourceError) -> Failure {
-    Failure {
-        message: format!("{what}: {error}"),
-        hint: error.hint(),
-    }
+    Failure::from_source(what, &error)
 }
 
 impl Runner {

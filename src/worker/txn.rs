@@ -15,6 +15,9 @@ use std::panic::AssertUnwindSafe;
 pub struct Failure {
     pub message: String,
     pub hint: Option<String>,
+    /// The source went away (network, restart, too many connections): the
+    /// task worker retries with backoff instead of failing the task.
+    pub transient: bool,
 }
 
 impl std::fmt::Display for Failure {
@@ -24,10 +27,24 @@ impl std::fmt::Display for Failure {
 }
 
 impl Failure {
+    /// A failure talking to the source, transient when the source is away.
+    pub fn from_source(context: &str, error: &crate::source::SourceError) -> Self {
+        Self {
+            message: if context.is_empty() {
+                error.to_string()
+            } else {
+                format!("{context}: {error}")
+            },
+            hint: error.hint(),
+            transient: source_unavailable(error),
+        }
+    }
+
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
             hint: None,
+            transient: false,
         }
     }
 
@@ -35,6 +52,7 @@ impl Failure {
         Self {
             message: message.into(),
             hint: Some(hint.into()),
+            transient: false,
         }
     }
 }
@@ -47,6 +65,7 @@ fn describe(error: CaughtError) -> Failure {
     Failure {
         message: report.message().to_string(),
         hint: report.hint().map(str::to_string),
+        transient: false,
     }
 }
 
@@ -104,4 +123,21 @@ pub fn interrupt_check() {
         pgrx::error!("cloudmig: worker shutting down");
     }
     pgrx::check_for_interrupts!();
+}
+
+/// Errors that mean "the source is not there right now" rather than "this
+/// cannot work": the network, a restart, no free connection slot.
+pub fn source_unavailable(error: &crate::source::SourceError) -> bool {
+    use crate::source::SourceError::*;
+    match error {
+        HostNotFound { .. } | ConnectionRefused { .. } | Unreachable { .. } | Timeout { .. } => {
+            true
+        }
+        Io { .. } | Closed { .. } | Broken { .. } => true,
+        Server(e) => matches!(
+            e.code.as_str(),
+            "57P01" | "57P02" | "57P03" | "53300" | "08000" | "08003" | "08006"
+        ),
+        _ => false,
+    }
 }

@@ -12,7 +12,7 @@ SELECT line FROM (
                   coalesce(to_jsonb(d) ->> 'datlocprovider', '-'),
                   coalesce(to_jsonb(d) ->> 'datlocale', to_jsonb(d) ->> 'daticulocale', '-'),
                   coalesce(to_jsonb(d) ->> 'daticurules', '-'),
-                  d.datallowconn, d.datconnlimit, t.spcname,
+                  d.datallowconn::text, d.datconnlimit, t.spcname,
                   (SELECT string_agg(a::text, ',' ORDER BY a::text)
                      FROM unnest(coalesce(d.datacl, acldefault('d', d.datdba))) a),
                   shobj_description(d.oid, 'pg_database')) AS line

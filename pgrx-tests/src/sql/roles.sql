@@ -26,7 +26,7 @@ SELECT line FROM (
     UNION ALL
     -- Memberships of a normal role, in any role but cloudmig's (system roles included:
     -- pg_monitor, pg_read_all_stats, ...).
-    SELECT format('member %I of %I admin=%s grantor=%s', m.rolname, g.rolname, a.admin_option,
+    SELECT format('member %I of %I admin=%s grantor=%s', m.rolname, g.rolname, a.admin_option::text,
                   coalesce(quote_ident(gr.rolname), '<none>'))
       FROM pg_auth_members a
       JOIN normal m ON m.oid = a.member

@@ -307,6 +307,17 @@ impl Cluster {
         )
     }
 
+    /// A PostgreSQL client program (`psql`, `pg_dump`, `pgbench`, ...) from the harness's
+    /// binaries, connected to this cluster over its Unix socket as `postgres`: add the database
+    /// and the program's own arguments. See [`pg_command`] for its environment.
+    pub fn command(&self, program: &str) -> std::process::Command {
+        let mut cmd = pg_command(program);
+        cmd.arg("-h")
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-U", SUPERUSER]);
+        cmd
+    }
+
     /// `pg_ctl restart -m fast`; returns once the server accepts connections.
     pub fn restart(&self) {
         self.restart_with("fast");

@@ -22,8 +22,7 @@ use std::fmt;
 use postgres::Client;
 
 use crate::cluster::{describe, Cluster};
-use crate::fixture::connect_args;
-use crate::pgbin::{pg_command, run};
+use crate::pgbin::run;
 
 /// The schema holding cloudmig's own objects on a destination.
 pub const EXTENSION_SCHEMA: &str = "cloudmig";
@@ -99,7 +98,7 @@ pub fn databases(cluster: &Cluster) -> Vec<String> {
 /// The schema of `db` as `pg_dump --schema-only` prints it, owners and privileges included,
 /// without cloudmig's own objects and normalised (see the module doc).
 pub fn schema_dump(cluster: &Cluster, db: &str) -> String {
-    let mut dump = pg_command("pg_dump");
+    let mut dump = cluster.command("pg_dump");
     dump.args([
         "--schema-only",
         "--encoding=UTF8",
@@ -109,7 +108,6 @@ pub fn schema_dump(cluster: &Cluster, db: &str) -> String {
     ])
     // Partition bounds and defaults print timestamptz constants in the session's time zone.
     .env("PGTZ", "UTC");
-    connect_args(&mut dump, cluster);
     let out = run(&mut dump)
         .unwrap_or_else(|e| panic!("pg_dump of cluster {} database {db}: {e}", cluster.name));
     normalize_dump(&String::from_utf8_lossy(&out.stdout))

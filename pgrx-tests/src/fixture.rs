@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::Cluster;
 use crate::compare::databases;
-use crate::pgbin::{pg_command, run, run_with_input};
+use crate::pgbin::{run, run_with_input};
 
 /// `fixtures/rich_source.sql`: roles, four databases and most kinds of objects and values (its
 /// header lists them).
@@ -41,9 +41,8 @@ pub fn psql_script(cluster: &Cluster, db: &str, script: &str) {
 /// for what a faithful migration produces. `postgres` is dropped and recreated with `--clean`
 /// so that its own properties (settings, ACL, comment) come along too.
 pub fn copy_with_pg_dump(from: &Cluster, to: &Cluster) {
-    let mut dumpall = pg_command("pg_dumpall");
+    let mut dumpall = from.command("pg_dumpall");
     dumpall.args(["--roles-only"]);
-    connect_args(&mut dumpall, from);
     let roles = run(&mut dumpall)
         .unwrap_or_else(|e| panic!("pg_dumpall --roles-only of {}: {e}", from.name));
     // `postgres` exists in every cluster: its CREATE would fail, its ALTER ROLE still applies.
@@ -55,17 +54,15 @@ pub fn copy_with_pg_dump(from: &Cluster, to: &Cluster) {
     psql_script(to, "postgres", &roles);
 
     for db in databases(from) {
-        let mut dump = pg_command("pg_dump");
+        let mut dump = from.command("pg_dump");
         dump.args(["-Fc", "-d", &db]);
-        connect_args(&mut dump, from);
         let archive = run(&mut dump)
             .unwrap_or_else(|e| panic!("pg_dump of {} database {db}: {e}", from.name));
-        let mut restore = pg_command("pg_restore");
+        let mut restore = to.command("pg_restore");
         restore.args(["--create", "--exit-on-error", "-d", "template1"]);
         if db == "postgres" {
             restore.arg("--clean");
         }
-        connect_args(&mut restore, to);
         if let Err(e) = run_with_input(&mut restore, &archive.stdout) {
             panic!("pg_restore of database {db} into {}: {e}", to.name);
         }
@@ -74,19 +71,8 @@ pub fn copy_with_pg_dump(from: &Cluster, to: &Cluster) {
 
 /// A `psql` command connected to `db` of `cluster` over its socket as `postgres`, with UTF8 as
 /// the client encoding whatever the database's.
-pub(crate) fn psql(cluster: &Cluster, db: &str) -> std::process::Command {
-    let mut cmd = pg_command("psql");
+fn psql(cluster: &Cluster, db: &str) -> std::process::Command {
+    let mut cmd = cluster.command("psql");
     cmd.args(["-X", "-d", db]).env("PGCLIENTENCODING", "UTF8");
-    connect_args(&mut cmd, cluster);
     cmd
-}
-
-/// `-h <socket dir> -p <port> -U postgres` for a PostgreSQL client program.
-pub(crate) fn connect_args(cmd: &mut std::process::Command, cluster: &Cluster) {
-    cmd.arg("-h").arg(&cluster.socket_dir).args([
-        "-p",
-        &cluster.port.to_string(),
-        "-U",
-        "postgres",
-    ]);
 }

@@ -80,7 +80,8 @@ fn helpers_see_a_pg_dump_copy_as_equal_and_catch_each_seeded_difference() {
             change: "UPDATE app.kitchen_sink SET amount = amount + 1 WHERE id = 500",
             undo: "UPDATE app.kitchen_sink SET amount = amount - 1 WHERE id = 500",
             compare: compare_data,
-            shows: "app.kitchen_sink",
+            // The differing table, then the row as it is on each side.
+            shows: "rows of app.kitchen_sink on one side only:\n- (500,",
         },
         Seeded {
             name: "one byte of a 2 MiB TOASTed value",
@@ -101,7 +102,7 @@ fn helpers_see_a_pg_dump_copy_as_equal_and_catch_each_seeded_difference() {
                         (SELECT min(ctid) FROM app.raw_import WHERE source_file = 'dup.csv')",
             undo: "INSERT INTO app.raw_import VALUES ('same', 'dup.csv', '2024-05-02 00:00')",
             compare: compare_data,
-            shows: "app.raw_import",
+            shows: "rows of app.raw_import on one side only:\n- (same,dup.csv,\"2024-05-02 00:00:00\")",
         },
         Seeded {
             name: "a row of a unicode-named table, in a database with a quoted name",

@@ -49,10 +49,16 @@ WITH per_table AS (
            sum(bytes_total) AS bytes_total,
            -- Size already copied: whole tables done, plus the share of the
            -- ones in flight by rows (bytes on the wire and on disk differ).
+           -- (by rows when the source had statistics, else by bytes sent).
            sum(CASE WHEN state IN ('copied', 'indexed') THEN bytes_total
                     WHEN state = 'copying' AND rows_estimated > 0
                     THEN bytes_total * least(coalesce(rows_copied, 0)::numeric / rows_estimated, 0.99)
-                    ELSE 0 END) AS bytes_done
+                    WHEN state = 'copying' AND bytes_total > 0
+                    THEN bytes_total * least(coalesce(bytes_copied, 0)::numeric / bytes_total, 0.99)
+                    ELSE 0 END) AS bytes_done,
+           -- The copy ends when the last table is copied (later phases do
+           -- not dilute the rate).
+           CASE WHEN bool_and(state IN ('copied', 'indexed')) THEN max(finished_at) END AS copy_finished_at
       FROM cloudmig.table_progress
      GROUP BY task_id
 ), per_database AS (
@@ -71,7 +77,7 @@ SELECT k.id AS task_id, k.assessment_id, k.source, k.phase, k.phase_since,
             ELSE round(100.0 * p.bytes_done / p.bytes_total, 1) END AS percent,
        CASE WHEN k.copy_started_at IS NOT NULL
             THEN round(coalesce(p.bytes_copied, 0) / greatest(extract(epoch FROM
-                       coalesce(k.finished_at, pg_catalog.clock_timestamp()) - k.copy_started_at), 0.001))::bigint
+                       coalesce(p.copy_finished_at, pg_catalog.clock_timestamp()) - k.copy_started_at), 0.001))::bigint
        END AS copy_rate_bytes_per_second,
        CASE WHEN k.phase IN ('full_copy') AND p.bytes_done > 0 AND p.bytes_total > p.bytes_done
             THEN (pg_catalog.clock_timestamp() - k.copy_started_at)

@@ -7,6 +7,8 @@ use crate::worker::shared;
 use pgrx::prelude::*;
 
 /// One row: the state, the backend or task doing it, since when.
+// pgrx spells a SQL table's columns as a tuple of named types.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn status() -> TableIterator<
     'static,

@@ -319,6 +319,8 @@ fn wait(
 }
 
 /// Tables being copied right now, with their live counters (shared memory).
+// pgrx spells a SQL table's columns as a tuple of named types.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn live_copies() -> TableIterator<
     'static,

@@ -50,6 +50,12 @@ pub fn copy_large_objects(source: &mut Connection) -> Result<usize, ObjectsError
             .next()
             .and_then(|row| row.get("data").map(str::to_string))
             .unwrap_or_default();
+        // Idempotent: a resumed task may have copied it before.
+        Spi::run_with_args(
+            "SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata \
+              WHERE oid = $1::oid",
+            &[oid.as_str().into()],
+        )?;
         Spi::run_with_args(
             "SELECT pg_catalog.lo_from_bytea($1::oid, $2::bytea)",
             &[oid.as_str().into(), data.as_str().into()],

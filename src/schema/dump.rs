@@ -49,6 +49,8 @@ pub fn run(
     let mut command = Command::new(&path);
     command
         .args(args)
+        // Never prompt: a missing password is an error, not a hang.
+        .arg("--no-password")
         .arg(format!("--dbname={}", info.for_client_program(dbname)))
         .env_remove("PGPASSWORD")
         .env_remove("PGSERVICE")

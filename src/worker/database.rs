@@ -140,7 +140,16 @@ fn run_job(
             let path = job.path.get();
             let sql = std::fs::read_to_string(&path)
                 .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
-            txn::run(|| execute::script(&sql).map_err(|e| Failure::new(e.to_string())))
+            let applied =
+                txn::run(|| execute::script(&sql).map_err(|e| Failure::new(e.to_string())));
+            match applied {
+                // The attempt that died had applied it (see JobSlot::resuming).
+                Err(failure) if job.resuming && failure.is_duplicate_object() => {
+                    pgrx::log!("cloudmig: {path} was applied before the task resumed ({failure})");
+                    Ok(())
+                }
+                other => other,
+            }
         }
         JobKind::CopyTable => {
             let connection = session_for(session, database, &snapshot)?;

@@ -25,6 +25,7 @@ pub struct Job {
     pub snapshot: String,
     pub path: String,
     pub truncate_first: bool,
+    pub resuming: bool,
 }
 
 /// What a finished job reports.
@@ -185,6 +186,7 @@ fn dispatch(
                             slot.snapshot.set(&job.snapshot);
                             slot.path.set(&job.path);
                             slot.truncate_first = job.truncate_first;
+                            slot.resuming = job.resuming;
                             slot.rows = 0;
                             slot.bytes = 0;
                             slot.error.set("");

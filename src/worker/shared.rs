@@ -185,6 +185,9 @@ pub struct JobSlot {
     pub path: FixedText<512>,
     /// Empty the table before copying (an interrupted earlier copy).
     pub truncate_first: bool,
+    /// The task resumed: a script may have been applied by the attempt that
+    /// died before recording it.
+    pub resuming: bool,
     /// Live progress of the current job.
     pub rows: u64,
     pub bytes: u64,

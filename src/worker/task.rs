@@ -150,6 +150,8 @@ struct Runner {
     work_dir: PathBuf,
     copy_workers: usize,
     snapshots: HashMap<String, HeldSnapshot>,
+    /// An earlier worker ran this task (see `JobSlot::resuming`).
+    resumed: bool,
 }
 
 fn source_failure(what: &str, error: SourceError) -> Failure {
@@ -158,7 +160,7 @@ fn source_failure(what: &str, error: SourceError) -> Failure {
 
 impl Runner {
     fn load(task_id: i64) -> Result<Runner, Stop> {
-        let (task, conninfo) = txn::spi(|| {
+        let (task, conninfo, starts) = txn::spi(|| {
             let Some(task) = tasks::load(task_id)? else {
                 return Ok(None);
             };
@@ -166,8 +168,8 @@ impl Runner {
                 "SELECT conninfo FROM cloudmig.source_secret WHERE assessment_id = $1",
                 &[task.assessment_id.into()],
             )?;
-            tasks::note_worker_start(task_id)?;
-            Ok(Some((task, conninfo.unwrap_or_default())))
+            let starts = tasks::note_worker_start(task_id)?;
+            Ok(Some((task, conninfo.unwrap_or_default(), starts)))
         })?
         .ok_or_else(|| Stop::Failed(Failure::new(format!("task {task_id} does not exist"))))?;
         let info = ConnInfo::parse(&conninfo).map_err(|e| {
@@ -195,6 +197,7 @@ impl Runner {
             work_dir,
             copy_workers,
             snapshots: HashMap::new(),
+            resumed: starts > 1,
         })
     }
 
@@ -498,6 +501,7 @@ impl Runner {
                 self.write_script(&format!("pre-data-{ordinal}.sql"), &split.after_connect)?;
             let job = Job {
                 kind: JobKind::ApplyScript,
+                resuming: self.resumed,
                 path,
                 ..Job::default()
             };
@@ -661,6 +665,7 @@ impl Runner {
             let jobs = vec![
                 Job {
                     kind: JobKind::ApplyScript,
+                    resuming: self.resumed,
                     path,
                     ..Job::default()
                 },

@@ -18,6 +18,8 @@ pub struct Failure {
     /// The source went away (network, restart, too many connections): the
     /// task worker retries with backoff instead of failing the task.
     pub transient: bool,
+    /// The SQLSTATE of a local ERROR, when the failure is one.
+    pub sqlstate: Option<pgrx::PgSqlErrorCode>,
 }
 
 impl std::fmt::Display for Failure {
@@ -27,6 +29,21 @@ impl std::fmt::Display for Failure {
 }
 
 impl Failure {
+    /// Whether a local ERROR said an object exists already (a schema script
+    /// that a resumed task applied once before, but could not record).
+    pub fn is_duplicate_object(&self) -> bool {
+        use pgrx::PgSqlErrorCode::*;
+        matches!(
+            self.sqlstate,
+            Some(
+                ERRCODE_DUPLICATE_TABLE
+                    | ERRCODE_DUPLICATE_OBJECT
+                    | ERRCODE_DUPLICATE_SCHEMA
+                    | ERRCODE_DUPLICATE_FUNCTION
+            )
+        )
+    }
+
     /// A failure talking to the source, transient when the source is away.
     pub fn from_source(context: &str, error: &crate::source::SourceError) -> Self {
         Self {
@@ -37,6 +54,7 @@ impl Failure {
             },
             hint: error.hint(),
             transient: source_unavailable(error),
+            sqlstate: None,
         }
     }
 
@@ -45,6 +63,7 @@ impl Failure {
             message: message.into(),
             hint: None,
             transient: false,
+            sqlstate: None,
         }
     }
 
@@ -53,6 +72,7 @@ impl Failure {
             message: message.into(),
             hint: Some(hint.into()),
             transient: false,
+            sqlstate: None,
         }
     }
 }
@@ -66,6 +86,7 @@ fn describe(error: CaughtError) -> Failure {
         message: report.message().to_string(),
         hint: report.hint().map(str::to_string),
         transient: false,
+        sqlstate: Some(report.sql_error_code()),
     }
 }
 

@@ -1,9 +1,11 @@
-//! `make demo`: a real assessment between two local clusters.
+//! `make demo`: a real migration between two local clusters.
 //!
 //! Starts a source with sample data and a migration account prepared as the
-//! README says, and a destination with cloudmig installed, runs
-//! `cloudmig.assess()` over TCP with a SCRAM password, and prints the NOTICE
-//! summary and the full report. Both clusters stop when it ends.
+//! README says, and a destination with cloudmig installed; runs
+//! `cloudmig.assess()` over TCP with a SCRAM password and prints the report,
+//! then `cloudmig.start()` and the progress of the copy from `cloudmig.tasks`
+//! until it completes, and compares row counts on both sides. Both clusters
+//! stop when it ends.
 
 use cloudmig_e2e::postgres::{self, Config, NoTls};
 use cloudmig_e2e::ClusterBuilder;
@@ -23,7 +25,7 @@ const SHOP_DATA: &str = "
     CREATE TABLE audit_log (at timestamptz DEFAULT now(), message text);  -- no primary key
     INSERT INTO customers (name) SELECT 'customer ' || i FROM generate_series(1, 10000) i;
     INSERT INTO orders (customer_id, total)
-        SELECT 1 + (i % 10000), (i % 997) * 1.25 FROM generate_series(1, 100000) i;
+        SELECT 1 + (i % 10000), (i % 997) * 1.25 FROM generate_series(1, 1000000) i;
     INSERT INTO audit_log (message) SELECT 'event ' || i FROM generate_series(1, 1000) i;
 ";
 
@@ -78,7 +80,73 @@ fn main() {
         .map(|row| row.get(0))
         .unwrap_or_default();
     println!("\nthe stored source (password masked): {source_shown}");
-    println!("demo done; both clusters are stopped now.");
+
+    println!("\ndestination=# SELECT cloudmig.start({id});\n");
+    let task: i64 = client
+        .query_one("SELECT cloudmig.start($1)", &[&id])
+        .unwrap_or_else(|e| panic!("start failed: {e}"))
+        .get(0);
+    println!("destination=# SELECT phase, tables_done, tables_total, percent, copy_rate_bytes_per_second, eta FROM cloudmig.tasks;  -- every half second\n");
+    let mut last = String::new();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT phase, tables_done, tables_total, percent::text, \
+                        coalesce(pg_size_pretty(copy_rate_bytes_per_second) || '/s', '-'), \
+                        coalesce(date_trunc('second', eta)::text, '-'), coalesce(last_error, '') \
+                   FROM cloudmig.tasks WHERE task_id = $1",
+                &[&task],
+            )
+            .unwrap_or_else(|e| panic!("cannot read cloudmig.tasks: {e}"));
+        let phase: String = row.get(0);
+        let line = format!(
+            "  {phase:<14} tables {:>2}/{:<2}  {:>5}%  rate {:>10}  eta {}",
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2),
+            row.get::<_, String>(3),
+            row.get::<_, String>(4),
+            row.get::<_, String>(5),
+        );
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        let error: String = row.get(6);
+        if phase == "failed" {
+            panic!("the task failed: {error}");
+        }
+        if phase == "copy_complete" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    println!(
+        "\ndestination=# SELECT at, kind, message FROM cloudmig.events WHERE task_id = {task};\n"
+    );
+    for row in client
+        .query(
+            "SELECT to_char(at, 'HH24:MI:SS.MS'), kind, coalesce(datname || ': ', '') || message \
+               FROM cloudmig.events WHERE task_id = $1 ORDER BY id",
+            &[&task],
+        )
+        .unwrap_or_default()
+    {
+        println!(
+            "  {}  {:<7} {}",
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, String>(2)
+        );
+    }
+    println!("\nrow counts, source vs destination:");
+    for table in ["customers", "orders", "audit_log"] {
+        let sql = format!("SELECT count(*) FROM {table}");
+        let on_source: i64 = source.query_scalar("shop", &sql);
+        let on_destination: i64 = destination.query_scalar("shop", &sql);
+        println!("  shop.{table:<10} {on_source:>8} {on_destination:>8}");
+        assert_eq!(on_source, on_destination, "{table} differs");
+    }
+    println!("\ndemo done; both clusters are stopped now.");
 }
 
 fn print_rows(rows: &[postgres::Row]) {

@@ -20,6 +20,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 pub mod api;
+pub mod apply;
 pub mod assess;
 pub mod catalog;
 pub mod copy;

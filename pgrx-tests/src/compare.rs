@@ -579,9 +579,20 @@ fn split_dump_entries(dump: &str) -> Vec<DumpEntry<'_>> {
                     || *next == "-- PostgreSQL database dump complete"
             });
         if starts_entry {
+            // pg_dump prints the session state an entry needs (`SET default_tablespace`,
+            // `SET default_table_access_method`) before its header, so at the end of the entry
+            // before: those lines go with the entry they are for.
+            // The preamble's own SETs (before the first entry) stay where they are.
+            let state = match entries.last_mut() {
+                Some(previous) if !previous.header.is_empty() => {
+                    let keep = state_lines_start(&previous.lines);
+                    previous.lines.split_off(keep)
+                }
+                _ => Vec::new(),
+            };
             entries.push(DumpEntry {
                 header: lines[i + 1],
-                lines: Vec::new(),
+                lines: state,
             });
         }
         if let Some(entry) = entries.last_mut() {
@@ -589,6 +600,21 @@ fn split_dump_entries(dump: &str) -> Vec<DumpEntry<'_>> {
         }
     }
     entries
+}
+
+/// Where the trailing run of session-state lines (`SET ...;`, with the blank lines between and
+/// after them) of an entry's lines begins; `lines.len()` when there is none.
+fn state_lines_start(lines: &[&str]) -> usize {
+    let is_state = |line: &str| line.starts_with("SET ") && line.ends_with(';');
+    let mut start = lines.len();
+    for (i, line) in lines.iter().enumerate().rev() {
+        if is_state(line) {
+            start = i;
+        } else if !line.is_empty() {
+            break;
+        }
+    }
+    start
 }
 
 /// Whether a dump entry header is cloudmig's extension or its comment (the schema's own entries
@@ -731,6 +757,10 @@ CREATE EXTENSION IF NOT EXISTS cloudmig WITH SCHEMA cloudmig;\n\
 COMMENT ON EXTENSION cloudmig IS 'migrate';\n\
 \n\
 \n\
+SET default_tablespace = '';\n\
+\n\
+SET default_table_access_method = heap;\n\
+\n\
 --\n\
 -- Name: cloudmig_notes; Type: TABLE; Schema: public; Owner: postgres\n\
 --\n\
@@ -761,6 +791,16 @@ CREATE EXTENSION IF NOT EXISTS cloudmig WITH SCHEMA cloudmig;\n\
         // A user object whose name merely starts with cloudmig stays.
         assert!(normalized.contains("CREATE TABLE public.cloudmig_notes (a integer);"));
         assert!(normalized.contains("-- Name: cloudmig_notes; Type: TABLE"));
+        // The state lines printed for the table stay, although they follow a dropped entry:
+        // the dump equals that of a cluster without the extension.
+        assert!(normalized.contains(
+            "SET default_tablespace = '';\n\nSET default_table_access_method = heap;\n\n--\n\
+             -- Name: cloudmig_notes; Type: TABLE"
+        ));
+        let extension_entries = DUMP.find("--\n-- Name: cloudmig; Type: EXTENSION").unwrap()
+            ..DUMP.find("SET default_tablespace").unwrap();
+        let without_extension = DUMP.replace(&DUMP[extension_entries], "");
+        assert_eq!(normalize_dump(&without_extension), normalized);
         // The closing banner stays even when the entry before it is left out.
         assert!(normalized.ends_with("--\n-- PostgreSQL database dump complete\n--\n\n"));
         // The same dump with another key and version normalises to the same text.

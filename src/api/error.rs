@@ -38,12 +38,6 @@ pub enum ApiError {
     UnknownTask(i64),
     #[error("the worker of task {0} (pid {1}) did not stop within 60 seconds")]
     WorkerBusy(i64, i32),
-    #[error("task {task} is {phase}: {error}")]
-    TaskStopped {
-        task: i64,
-        phase: String,
-        error: String,
-    },
     #[error("task {task} did not reach {target} in time (it is in {now})")]
     WaitTimeout {
         task: i64,
@@ -72,7 +66,6 @@ impl ApiError {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             ApiError::TaskActive(_) | ApiError::WorkerBusy(..) => ERRCODE_OBJECT_IN_USE,
-            ApiError::TaskStopped { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             ApiError::WaitTimeout { .. } => ERRCODE_QUERY_CANCELED,
             ApiError::Catalog(_) => ERRCODE_INTERNAL_ERROR,
             ApiError::Source(_) => ERRCODE_CONNECTION_FAILURE,
@@ -120,9 +113,6 @@ impl ApiError {
             }
             ApiError::UnknownTask(_) => Some("See cloudmig.tasks.".into()),
             ApiError::WorkerBusy(..) => Some("Try again; see the server log.".into()),
-            ApiError::TaskStopped { task, .. } => Some(format!(
-                "See SELECT * FROM cloudmig.events WHERE task_id = {task};"
-            )),
             ApiError::WaitTimeout { .. } => Some("Wait longer, or watch cloudmig.tasks.".into()),
             ApiError::Catalog(_) => None,
             ApiError::Source(error) => error.hint(),

@@ -239,8 +239,9 @@ fn cancel(task: i64) {
 }
 
 /// Blocks until `task` reaches `phase` (or a later one), raising a NOTICE
-/// with its progress every 10 seconds; returns the phase reached. Raises an
-/// error when the task fails or is cancelled first, or at the timeout.
+/// with its progress every 10 seconds; returns the phase reached. A task
+/// that fails or is cancelled first returns that phase (with a WARNING
+/// carrying its error); the timeout raises an error.
 #[pg_extern(volatile, parallel_unsafe)]
 fn wait(
     task: i64,
@@ -275,12 +276,19 @@ fn wait(
             return current;
         }
         match current_phase {
-            Phase::Failed | Phase::Cancelled => ApiError::TaskStopped {
-                task,
-                phase: current.clone(),
-                error: error.unwrap_or_default(),
+            Phase::Failed | Phase::Cancelled => {
+                // Returned, not raised: a script branches on it (a later
+                // switchover refuses such a task anyway).
+                pgrx::warning!(
+                    "task {task} is {current}{}",
+                    error
+                        .as_deref()
+                        .filter(|e| !e.is_empty())
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+                return current;
             }
-            .raise(),
             _ if current_phase.reached(target) => return current,
             _ => {}
         }

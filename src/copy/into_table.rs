@@ -70,12 +70,9 @@ pub fn copy_into(
         })
     });
     let _clear = ClearFeed;
-    let schema_c = CString::new(schema).unwrap_or_default();
-    let table_c = CString::new(table).unwrap_or_default();
-    let column_names: Vec<CString> = columns
-        .iter()
-        .map(|c| CString::new(c.as_str()).unwrap_or_default())
-        .collect();
+    let schema_c = server_encoded(schema);
+    let table_c = server_encoded(table);
+    let column_names: Vec<CString> = columns.iter().map(|c| server_encoded(c)).collect();
     // SAFETY: the COPY FROM sequence of tablesync.c's copy_table(), on the
     // main thread inside a transaction; names are copied into palloc'd memory.
     unsafe {
@@ -101,6 +98,14 @@ pub fn copy_into(
                 pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast(),
             );
         }
+        // The source connection speaks UTF8 (cloudmig asks for it), whatever
+        // the encoding of this database: COPY converts from there.
+        let encoding = pg_sys::makeDefElem(
+            pg_sys::pstrdup(c"encoding".as_ptr()),
+            pg_sys::makeString(pg_sys::pstrdup(c"UTF8".as_ptr())).cast(),
+            -1,
+        );
+        let options = pg_sys::lappend(std::ptr::null_mut(), encoding.cast());
         let cstate = pg_sys::BeginCopyFrom(
             pstate,
             rel,
@@ -109,7 +114,7 @@ pub fn copy_into(
             false,
             Some(read_copy_data),
             attnames,
-            std::ptr::null_mut(),
+            options,
         );
         pg_sys::CopyFrom(cstate);
         pg_sys::EndCopyFrom(cstate);
@@ -124,6 +129,21 @@ pub fn copy_into(
             })
             .unwrap_or_default()
     })
+}
+
+/// A name from the source (UTF-8) in this database's encoding.
+fn server_encoded(name: &str) -> CString {
+    let utf8 = CString::new(name.replace('\0', "")).unwrap_or_default();
+    // SAFETY: pg_any_to_server returns its input or a palloc'd converted,
+    // NUL-terminated copy, which is copied out at once.
+    unsafe {
+        let converted = pg_sys::pg_any_to_server(
+            utf8.as_ptr(),
+            utf8.as_bytes().len() as i32,
+            pg_sys::pg_enc::PG_UTF8 as i32,
+        );
+        std::ffi::CStr::from_ptr(converted).to_owned()
+    }
 }
 
 /// COPY FROM's data source: fills `outbuf` with at least `minread` and at

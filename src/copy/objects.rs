@@ -3,8 +3,8 @@
 //! snapshot and writes here through SPI, in the caller's transaction.
 
 use super::SOURCE_SEQUENCES_SQL;
+use crate::schema::execute::run_utf8;
 use crate::source::{quote_literal, Connection, SourceError};
-use pgrx::prelude::*;
 
 /// Why copying such objects failed.
 #[derive(Debug, thiserror::Error)]
@@ -15,28 +15,48 @@ pub enum ObjectsError {
     Local(#[from] pgrx::spi::Error),
 }
 
-/// Sets every sequence here to its value at the snapshot; returns how many.
+/// Sequences read per query (one UNION ALL of this many sequences).
+const SEQUENCES_PER_QUERY: usize = 500;
+
+/// Sets every sequence here to its state at the snapshot (`last_value` and
+/// `is_called`, as `setval` takes them); returns how many.
 pub fn copy_sequences(source: &mut Connection) -> Result<usize, ObjectsError> {
-    let rows = source.simple_query(SOURCE_SEQUENCES_SQL)?;
-    for row in &rows {
-        let name = row.try_get("name")?.unwrap_or_default();
-        let (value, is_called) = match row.get("last_value") {
-            Some(value) => (value.to_string(), true),
-            None => (row.get("start_value").unwrap_or("1").to_string(), false),
-        };
-        Spi::run_with_args(
-            "SELECT pg_catalog.setval($1::regclass, $2::bigint, $3)",
-            &[name.into(), value.as_str().into(), is_called.into()],
-        )?;
+    let names: Vec<String> = source
+        .simple_query(SOURCE_SEQUENCES_SQL)?
+        .iter()
+        .filter_map(|row| row.get("name").map(str::to_string))
+        .collect();
+    for chunk in names.chunks(SEQUENCES_PER_QUERY) {
+        let query = chunk
+            .iter()
+            .map(|name| {
+                format!(
+                    "SELECT {} AS name, last_value::text AS last_value, is_called::text AS is_called FROM {name}",
+                    quote_literal(name)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        for row in source.simple_query(&query)? {
+            let name = row.try_get("name")?.unwrap_or_default();
+            let value = row.try_get("last_value")?.unwrap_or("1");
+            let is_called = row.get("is_called") == Some("true");
+            run_utf8(&format!(
+                "SELECT pg_catalog.setval({}::regclass, {}::bigint, {is_called})",
+                quote_literal(name),
+                quote_literal(value)
+            ))?;
+        }
     }
-    Ok(rows.len())
+    Ok(names.len())
 }
 
 /// Copies every large object with its owner and privileges; returns how many.
 pub fn copy_large_objects(source: &mut Connection) -> Result<usize, ObjectsError> {
     let objects = source.simple_query(
         "SELECT m.oid::text AS oid, pg_catalog.pg_get_userbyid(m.lomowner) AS owner, \
-                m.lomacl::text AS acl \
+                m.lomacl::text AS acl, \
+                pg_catalog.obj_description(m.oid, 'pg_largeobject') AS comment \
            FROM pg_catalog.pg_largeobject_metadata m ORDER BY m.oid",
     )?;
     for object in &objects {
@@ -51,23 +71,29 @@ pub fn copy_large_objects(source: &mut Connection) -> Result<usize, ObjectsError
             .and_then(|row| row.get("data").map(str::to_string))
             .unwrap_or_default();
         // Idempotent: a resumed task may have copied it before.
-        Spi::run_with_args(
-            "SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata \
-              WHERE oid = $1::oid",
-            &[oid.as_str().into()],
-        )?;
-        Spi::run_with_args(
-            "SELECT pg_catalog.lo_from_bytea($1::oid, $2::bytea)",
-            &[oid.as_str().into(), data.as_str().into()],
-        )?;
+        run_utf8(&format!(
+            "SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = {}::oid",
+            quote_literal(&oid)
+        ))?;
+        run_utf8(&format!(
+            "SELECT pg_catalog.lo_from_bytea({}::oid, {}::bytea)",
+            quote_literal(&oid),
+            quote_literal(&data)
+        ))?;
         if let Some(owner) = object.get("owner") {
-            Spi::run(&format!(
+            run_utf8(&format!(
                 "ALTER LARGE OBJECT {oid} OWNER TO {}",
                 crate::source::quote_ident(owner)
             ))?;
         }
         for grant in large_object_grants(&oid, object.get("acl").unwrap_or("")) {
-            Spi::run(&grant)?;
+            run_utf8(&grant)?;
+        }
+        if let Some(comment) = object.get("comment") {
+            run_utf8(&format!(
+                "COMMENT ON LARGE OBJECT {oid} IS {}",
+                quote_literal(comment)
+            ))?;
         }
     }
     Ok(objects.len())
@@ -128,7 +154,7 @@ pub fn refresh_materialized_views(source: &mut Connection) -> Result<usize, Obje
     )?;
     for view in &views {
         let name = view.try_get("name")?.unwrap_or_default();
-        Spi::run(&format!("REFRESH MATERIALIZED VIEW {name}"))?;
+        run_utf8(&format!("REFRESH MATERIALIZED VIEW {name}"))?;
     }
     Ok(views.len())
 }

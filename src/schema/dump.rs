@@ -51,6 +51,9 @@ pub fn run(
         .args(args)
         // Never prompt: a missing password is an error, not a hang.
         .arg("--no-password")
+        // UTF-8 whatever the database's encoding: applied through
+        // `execute::run_utf8`, which converts to the local encoding.
+        .arg("--encoding=UTF8")
         .arg(format!("--dbname={}", info.for_client_program(dbname)))
         .env_remove("PGPASSWORD")
         .env_remove("PGSERVICE")

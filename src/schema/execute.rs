@@ -8,19 +8,54 @@
 use pgrx::prelude::*;
 use std::ffi::CString;
 
-/// Runs a whole script (several statements) through SPI.
-pub fn script(sql: &str) -> Result<(), pgrx::spi::Error> {
+/// Runs SQL given in UTF-8 (several statements allowed) through SPI, after
+/// converting it to this database's encoding. Everything cloudmig receives
+/// from the source is UTF-8 (it asks pg_dump and its connections for that),
+/// while a database may be LATIN1 or another server encoding; pgrx's SPI
+/// helpers would pass the UTF-8 bytes through unconverted.
+pub fn run_utf8(sql: &str) -> Result<(), pgrx::spi::Error> {
     if sql.trim().is_empty() {
         return Ok(());
     }
-    Spi::run(sql)
+    let utf8 = CString::new(sql.replace('\0', "")).unwrap_or_default();
+    // SAFETY: pg_any_to_server returns its input or a palloc'd converted
+    // copy, NUL-terminated; SPI is connected and finished around the call on
+    // the backend's main thread, inside the caller's transaction.
+    unsafe {
+        let converted = pg_sys::pg_any_to_server(
+            utf8.as_ptr(),
+            utf8.as_bytes().len() as i32,
+            pg_sys::pg_enc::PG_UTF8 as i32,
+        );
+        let connected = pg_sys::SPI_connect();
+        Spi::check_status(connected)?;
+        let status = pg_sys::SPI_execute(converted, false, 0);
+        pg_sys::SPI_finish();
+        Spi::check_status(status)?;
+    }
+    Ok(())
 }
 
-/// Runs utility statements (e.g. `CREATE DATABASE`) as top-level commands.
+/// Runs a whole script (several statements) in this database: see [`run_utf8`].
+pub fn script(sql: &str) -> Result<(), pgrx::spi::Error> {
+    run_utf8(sql)
+}
+
+/// Runs utility statements (e.g. `CREATE DATABASE`), given in UTF-8, as
+/// top-level commands.
 /// Must be called in a transaction that is not a transaction block (a
 /// background worker's own StartTransactionCommand is one).
 pub fn toplevel_utility(sql: &str) {
-    let query = CString::new(sql.replace('\0', "")).unwrap_or_default();
+    let utf8 = CString::new(sql.replace('\0', "")).unwrap_or_default();
+    // SAFETY: as in run_utf8; copied out at once.
+    let query = unsafe {
+        let converted = pg_sys::pg_any_to_server(
+            utf8.as_ptr(),
+            utf8.as_bytes().len() as i32,
+            pg_sys::pg_enc::PG_UTF8 as i32,
+        );
+        std::ffi::CStr::from_ptr(converted).to_owned()
+    };
     // SAFETY: the parse/analyze/plan/ProcessUtility sequence of
     // exec_simple_query, on the backend's main thread inside a transaction;
     // every pointer comes from the previous call.

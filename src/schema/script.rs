@@ -17,12 +17,14 @@ pub struct SplitScript {
     pub after_connect: String,
 }
 
-/// Whether a line is a psql meta-command. pg_dump never starts a line of a
-/// statement with a backslash except inside data, which schema dumps lack;
-/// string literals spanning lines cannot start a line with one either, as
-/// pg_dump writes them with standard_conforming_strings on.
+/// Whether a line is one of the psql meta-commands pg_dump writes into a
+/// schema dump: `\connect` and, since 15.14, `\restrict`/`\unrestrict`.
+/// Matching those by name (rather than any line starting with a backslash)
+/// keeps a function body line that happens to start with one intact.
 fn is_meta_command(line: &str) -> bool {
-    line.starts_with('\\')
+    ["\\connect ", "\\c ", "\\restrict ", "\\unrestrict "]
+        .iter()
+        .any(|command| line.starts_with(command))
 }
 
 /// Splits at the first `\connect` and drops meta-commands.
@@ -31,7 +33,7 @@ pub fn split(script: &str) -> SplitScript {
     let mut seen_connect = false;
     for line in script.lines() {
         if is_meta_command(line) {
-            if line.starts_with("\\connect") || line.starts_with("\\c ") {
+            if line.starts_with("\\connect ") || line.starts_with("\\c ") {
                 seen_connect = true;
             }
             continue;
@@ -105,6 +107,13 @@ mod tests {
             split.after_connect
         );
         assert!(!split.before_connect.contains("\\"));
+    }
+
+    #[test]
+    fn a_function_body_line_starting_with_a_backslash_is_kept() {
+        let body =
+            "CREATE FUNCTION f() RETURNS text LANGUAGE sql AS $$\n\\x41 is not a command\n$$;\n";
+        assert_eq!(split(body).after_connect, body);
     }
 
     #[test]

@@ -345,6 +345,9 @@ pub struct Connection {
     notices: VecDeque<ServerError>,
     transaction_status: u8,
     ready: bool,
+    /// A logical `START_REPLICATION` on this connection ended; the walsender cannot run
+    /// another (see [`crate::source::stream`]).
+    logical_stream_ended: bool,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
 }
@@ -403,6 +406,7 @@ impl Connection {
             notices: VecDeque::new(),
             transaction_status: b'I',
             ready: false,
+            logical_stream_ended: false,
             read_timeout: None,
             write_timeout: None,
         };
@@ -745,6 +749,16 @@ impl Connection {
     /// Whether this is a replication connection.
     pub fn is_replication(&self) -> bool {
         self.replication
+    }
+
+    /// True once a logical replication stream on this connection has ended.
+    pub(super) fn logical_stream_ended(&self) -> bool {
+        self.logical_stream_ended
+    }
+
+    /// Records that a logical replication stream on this connection ended.
+    pub(super) fn set_logical_stream_ended(&mut self) {
+        self.logical_stream_ended = true;
     }
 
     /// The I/O timeout for later requests.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::source::conninfo::SslMode;
 use crate::source::passfile::PassfileError;
+use crate::source::pgoutput::DecodeError;
 
 /// An `ErrorResponse` (or `NoticeResponse`) sent by the source server, with the fields of the
 /// protocol's error message that we keep.
@@ -206,6 +207,11 @@ pub enum SourceError {
         reason: &'static str,
     },
 
+    /// A pgoutput message from the replication stream could not be decoded. The stream cannot
+    /// be trusted past it: reconnect and restart from the last confirmed position.
+    #[error("could not decode a logical replication message: {0}")]
+    Decode(#[from] DecodeError),
+
     /// The request cannot be done on this connection or by this server (a replication
     /// command on a normal connection, an option the server version lacks, a query that is
     /// not the kind the method runs). The connection stays usable.
@@ -237,7 +243,7 @@ impl SourceError {
             SourceError::UnsupportedAuthentication { .. } | SourceError::TlsNotSupported { .. } => {
                 "0A000"
             }
-            SourceError::Protocol(_) => "08P01",
+            SourceError::Protocol(_) | SourceError::Decode(_) => "08P01",
             SourceError::Io { .. } | SourceError::Closed { .. } => "08006",
             // connection_does_not_exist
             SourceError::Broken { .. } => "08003",
@@ -289,6 +295,10 @@ impl SourceError {
             }
             SourceError::Passfile(_) => "check the passfile path and that the server can read it",
             SourceError::Protocol(_) => "check that the target is a PostgreSQL server",
+            SourceError::Decode(_) => {
+                "restart replication from the last confirmed position; if it recurs at the same \
+                 position, report it with the source's version"
+            }
             SourceError::Io { .. } | SourceError::Closed { .. } => {
                 "check the source server's log for why the connection ended"
             }
@@ -392,6 +402,7 @@ mod tests {
                 "0A000",
             ),
             (SourceError::Protocol("x".into()), "08P01"),
+            (SourceError::Decode(DecodeError::Empty), "08P01"),
             (SourceError::Closed { target }, "08006"),
             (
                 SourceError::InvalidName {

@@ -1,7 +1,7 @@
 //! The client for the remote *source* server: connection strings, password files, a blocking
 //! protocol-3.0 connection (TCP or Unix socket; trust, password, md5 and SCRAM-SHA-256
-//! authentication; simple queries; streaming `COPY ... TO STDOUT`; replication-mode commands
-//! and slots), WAL positions, and SQL quoting helpers.
+//! authentication; simple queries; streaming `COPY ... TO STDOUT`; replication-mode commands,
+//! slots and logical streaming), the pgoutput decoder, WAL positions, and SQL quoting helpers.
 //!
 //! Plain Rust with no pgrx imports, so it is unit-tested with `cargo test`. Every wait wakes at
 //! least every 100 ms to run the caller's interrupt check (inside PostgreSQL,
@@ -15,9 +15,11 @@ pub mod copy_out;
 pub mod error;
 pub mod lsn;
 pub mod passfile;
+pub mod pgoutput;
 mod protocol;
 pub mod replication;
 pub mod sql;
+pub mod stream;
 
 pub use connection::{ConnectOptions, Connection, InterruptCheck, Row, SystemIdentity};
 pub use conninfo::{ConnInfo, ConnInfoError, SslMode};
@@ -25,5 +27,7 @@ pub use copy_out::CopyOut;
 pub use error::{ServerError, SourceError};
 pub use lsn::{Lsn, ParseLsnError};
 pub use passfile::{write_private_passfile, PassfileError};
+pub use pgoutput::{DecodeError, Decoder};
 pub use replication::CreatedSlot;
 pub use sql::{quote_ident, quote_literal};
+pub use stream::{PgOutputOptions, ReplicationMessage, ReplicationStream};

@@ -96,7 +96,7 @@ impl Connection {
     }
 
     /// The server version, after checking this is a replication connection.
-    fn replication_server_version(&self, command: &str) -> Result<i32, SourceError> {
+    pub(super) fn replication_server_version(&self, command: &str) -> Result<i32, SourceError> {
         if !self.is_replication() {
             return Err(SourceError::Unsupported(format!(
                 "{command} needs a replication connection"
@@ -161,7 +161,7 @@ pub(crate) fn drop_slot_command(
 
 /// PostgreSQL's rule for slot names (slot.c): lower-case letters, digits and underscores,
 /// one to 63 bytes.
-fn validate_slot_name(name: &str) -> Result<(), SourceError> {
+pub(super) fn validate_slot_name(name: &str) -> Result<(), SourceError> {
     let invalid = |reason| SourceError::InvalidName {
         what: "replication slot",
         name: name.chars().take(MAX_NAME_BYTES + 1).collect(),

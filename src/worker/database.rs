@@ -27,6 +27,8 @@ pub extern "C-unwind" fn cloudmig_database_main(arg: pg_sys::Datum) {
         Some(slot) => slot.database.get(),
         None => return,
     };
+    let task_id = JOBS.share()[index].task_id;
+    txn::serve_task(task_id);
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // SAFETY: MyProcPid is set at process start.
     let my_pid = unsafe { pg_sys::MyProcPid };
@@ -224,7 +226,7 @@ fn copy_table(
     };
     txn::run(|| {
         if truncate_first {
-            Spi::run(&format!("TRUNCATE ONLY {qualified}"))
+            execute::run_utf8(&format!("TRUNCATE ONLY {qualified}"))
                 .map_err(|e| Failure::new(e.to_string()))?;
         }
         let mut copy = connection

@@ -61,6 +61,7 @@ pub fn start_worker(task_id: i64) {
 pub extern "C-unwind" fn cloudmig_task_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let task_id = arg.value() as i64;
+    txn::serve_task(task_id);
     BackgroundWorker::connect_worker_to_spi(Some(&crate::guc::database()), None);
     // SAFETY: MyProcPid is set at process start.
     let my_pid = unsafe { pg_sys::MyProcPid };
@@ -75,7 +76,11 @@ pub extern "C-unwind" fn cloudmig_task_main(arg: pg_sys::Datum) {
         task.task_id = task_id;
         task.worker_pid = my_pid;
     }
-    let outcome = run_with_retries(task_id);
+    let outcome = match run_with_retries(task_id) {
+        // A step interrupted by the cancel fails with "cancelled": not a failure.
+        Err(Stop::Failed(_)) if shared::cancel_requested() == Some(task_id) => Err(Stop::Cancelled),
+        other => other,
+    };
     let recorded = match outcome {
         Ok(()) | Err(Stop::Shutdown) => Ok(()),
         Err(Stop::Failed(failure)) => {
@@ -335,7 +340,8 @@ impl Runner {
         let id = self.task.id;
         txn::run(|| {
             for statement in &statements {
-                Spi::run(statement).map_err(|e| Failure::new(format!("{e} (in: {statement})")))?;
+                execute::run_utf8(statement)
+                    .map_err(|e| Failure::new(format!("{e} (in: {statement})")))?;
             }
             let kept = existing.len();
             let mut message = format!("{} role(s) created", created.len());
@@ -491,7 +497,7 @@ impl Runner {
                             execute::toplevel_utility(&statement);
                             Ok(())
                         } else {
-                            Spi::run(&statement).map_err(|e| Failure::new(e.to_string()))
+                            execute::run_utf8(&statement).map_err(|e| Failure::new(e.to_string()))
                         }
                     })?;
                 }

@@ -9,6 +9,7 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::pg_sys::PgTryBuilder;
 use pgrx::prelude::*;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 /// An error caught in a worker's transaction.
 #[derive(Debug, Clone)]
@@ -122,26 +123,48 @@ pub fn spi<R>(body: impl FnOnce() -> Result<R, pgrx::spi::Error>) -> Result<R, F
     run(|| body().map_err(|e| Failure::new(e.to_string())))
 }
 
-/// True when SIGTERM asked this worker to stop.
+/// Set once SIGTERM arrived. pgrx's flag resets when read (and its
+/// `wait_latch` reads it), so the worker keeps its own, sticky one.
+static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+
+/// The task this worker serves, whose `cloudmig.cancel()` must also
+/// interrupt long waits (0: none).
+static SERVED_TASK: AtomicI64 = AtomicI64::new(0);
+
+/// True once SIGTERM asked this worker to stop.
 pub fn shutdown_requested() -> bool {
-    pgrx::bgworkers::BackgroundWorker::sigterm_received()
+    if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+        SHUTDOWN.store(true, Ordering::SeqCst);
+    }
+    SHUTDOWN.load(Ordering::SeqCst)
+}
+
+/// Declares the task whose cancellation interrupts this worker's waits.
+pub fn serve_task(task_id: i64) {
+    SERVED_TASK.store(task_id, Ordering::SeqCst);
 }
 
 /// Waits on the latch up to `timeout` (also waking on postmaster death, which
 /// ends the process), then handles a pending config reload.
 pub fn nap(timeout: std::time::Duration) {
-    pgrx::bgworkers::BackgroundWorker::wait_latch(Some(timeout));
+    if !pgrx::bgworkers::BackgroundWorker::wait_latch(Some(timeout)) {
+        SHUTDOWN.store(true, Ordering::SeqCst);
+    }
     if pgrx::bgworkers::BackgroundWorker::sighup_received() {
         // SAFETY: reloading the config file on the worker's main thread.
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
 }
 
-/// The check the source client calls while it waits: a SIGTERM or a cancel
-/// request unwinds out of the wait.
+/// The check the source client calls while it waits: a SIGTERM, a cancel of
+/// the served task, or a query cancel unwinds out of the wait.
 pub fn interrupt_check() {
     if shutdown_requested() {
         pgrx::error!("cloudmig: worker shutting down");
+    }
+    let task = SERVED_TASK.load(Ordering::SeqCst);
+    if task != 0 && super::shared::cancel_requested() == Some(task) {
+        pgrx::error!("cloudmig: task {task} cancelled");
     }
     pgrx::check_for_interrupts!();
 }

@@ -1,9 +1,10 @@
--- Every sequence of a source database with its state at the snapshot of the
--- calling transaction (last_value and is_called, as setval takes them).
-SELECT pg_catalog.format('%I.%I', s.schemaname, s.sequencename) AS name,
-       s.last_value::text AS last_value,
-       (s.last_value IS NOT NULL)::text AS is_called,
-       s.start_value::text AS start_value
-  FROM pg_catalog.pg_sequences s
- WHERE s.schemaname NOT IN ('pg_catalog', 'information_schema')
+-- Every sequence of a source database (each is then read itself: only the
+-- sequence relation knows last_value and is_called exactly; pg_sequences
+-- hides last_value until nextval was called).
+SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) AS name
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind = 'S'
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'
  ORDER BY 1

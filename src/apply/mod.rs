@@ -1,0 +1,8 @@
+//! Applying the source's decoded changes to local tables.
+//!
+//! [`statements`] builds the SQL for one change (pure, unit-tested); the
+//! apply worker that streams from the slot and runs them transaction by
+//! transaction, advancing a replication origin in the same commit, builds
+//! on it.
+
+pub mod statements;

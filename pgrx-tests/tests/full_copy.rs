@@ -756,3 +756,45 @@ fn a_non_superuser_account_copies_roles_without_passwords() {
         );
     }
 }
+
+#[test]
+fn a_source_outage_mid_copy_is_retried_and_the_copy_completes() {
+    let source = bulk_source("outage-src");
+    let dest = destination("outage-dst");
+    let task = start(&dest, &source, r#"{"copy_workers": 1}"#);
+    poll_until(
+        &dest,
+        "postgres",
+        &format!(
+            "SELECT count(*) FILTER (WHERE state IN ('copied', 'indexed')) > 0 \
+                AND count(*) FILTER (WHERE state IN ('pending', 'copying')) > 0 \
+               FROM cloudmig.table_progress WHERE task_id = {task}"
+        ),
+        "t",
+        POLL_TIMEOUT,
+    );
+    source.stop();
+    // The task says it is waiting for the source, and does not fail.
+    poll_until(
+        &dest,
+        "postgres",
+        &format!(
+            "SELECT phase <> 'failed' AND last_error LIKE '%source is unavailable%retrying%' \
+               FROM cloudmig.tasks WHERE task_id = {task}"
+        ),
+        "t",
+        POLL_TIMEOUT,
+    );
+    source.restart();
+    expect_phase(&dest, task, "copy_complete");
+    assert_same_instance(&source, &dest);
+    assert_same_data(&source, &dest, "bulk");
+    let retries: i64 = dest.query_scalar(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM cloudmig.events WHERE task_id = {task} \
+                AND kind = 'warning' AND message LIKE '%retrying%'"
+        ),
+    );
+    assert!(retries >= 1);
+}

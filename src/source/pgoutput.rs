@@ -627,8 +627,7 @@ pub fn decode(data: &Bytes, in_stream: bool) -> Result<Message, DecodeError> {
                 commit_time: r.i64("commit timestamp")?,
             }
         }
-        // The only tag left: every other one returned above.
-        _ => {
+        b'A' => {
             if in_stream {
                 return Err(out_of_place(message));
             }
@@ -637,6 +636,8 @@ pub fn decode(data: &Bytes, in_stream: bool) -> Result<Message, DecodeError> {
                 subxid: r.u32("subtransaction xid")?,
             }
         }
+        // Every other tag returned above.
+        _ => return Err(DecodeError::UnknownType { tag }),
     };
     r.finish()?;
     Ok(msg)

@@ -32,7 +32,8 @@
 //! whose `reply_requested` is set. The caller must send [`ReplicationStream::send_status`] at
 //! least every 10 s, as `wal_receiver_status_interval` makes a standby do, and at once when a
 //! keepalive requests a reply: so call [`ReplicationStream::next`] with a wait of a few
-//! seconds at most, and send status between calls. Conversely the server may stay silent
+//! seconds at most, and send status between calls, including while busy applying a large
+//! transaction (the walsender's clock runs on while we do not read). Conversely the server may stay silent
 //! for as long as it has nothing to send and gets our status updates: to notice a dead peer,
 //! track the time since the last message (as `wal_receiver_timeout` does in worker.c) and
 //! ask for a reply when it grows.
@@ -172,10 +173,12 @@ impl Connection {
     /// `confirmed_flush_lsn`, whichever is later; [`Lsn::INVALID`] means "where the slot is".
     ///
     /// Options the server cannot honour (protocol 2, streaming, messages and binary need
-    /// PostgreSQL 14) fail with [`SourceError::Unsupported`] before anything is sent. A
-    /// server error before streaming starts (no such slot, slot in use by another process,
-    /// no such publication, which some versions only report once decoding starts) comes back
-    /// as [`SourceError::Server`] with the connection still usable.
+    /// PostgreSQL 14) fail with [`SourceError::Unsupported`] before anything is sent, and so
+    /// does a second stream on one connection (see the module docs). A server error before
+    /// streaming starts (no such slot `42704`, slot in use by another process `55006`) comes
+    /// back as [`SourceError::Server`] with the connection still usable. A publication that
+    /// does not exist is only reported once decoding reaches a change (`42704` from
+    /// [`ReplicationStream::next`], connection Broken), so check it beforehand with SQL.
     pub fn start_pgoutput(
         &mut self,
         slot: &str,
@@ -381,9 +384,9 @@ pub fn postgres_epoch_micros(t: SystemTime) -> i64 {
 
 /// Parses one CopyData payload of the walsender: `w` XLogData or `k` keepalive.
 fn parse_copy_data(body: Bytes) -> Result<ReplicationMessage, SourceError> {
-    fn int64(body: &[u8], at: usize) -> Option<u64> {
+    fn int64(body: &[u8], at: usize) -> Option<[u8; 8]> {
         let bytes = body.get(at..at.checked_add(8)?)?;
-        <[u8; 8]>::try_from(bytes).ok().map(u64::from_be_bytes)
+        <[u8; 8]>::try_from(bytes).ok()
     }
     let bad = |what: &str| SourceError::Protocol(format!("malformed {what} message"));
     match body.first() {
@@ -394,9 +397,9 @@ fn parse_copy_data(body: Bytes) -> Result<ReplicationMessage, SourceError> {
                 return Err(bad("XLogData"));
             };
             Ok(ReplicationMessage::XLogData {
-                wal_start: Lsn(start),
-                wal_end: Lsn(end),
-                server_time: time as i64,
+                wal_start: Lsn(u64::from_be_bytes(start)),
+                wal_end: Lsn(u64::from_be_bytes(end)),
+                server_time: i64::from_be_bytes(time),
                 data: body.slice(25..),
             })
         }
@@ -407,8 +410,8 @@ fn parse_copy_data(body: Bytes) -> Result<ReplicationMessage, SourceError> {
                 return Err(bad("primary keepalive"));
             };
             Ok(ReplicationMessage::Keepalive {
-                wal_end: Lsn(end),
-                server_time: time as i64,
+                wal_end: Lsn(u64::from_be_bytes(end)),
+                server_time: i64::from_be_bytes(time),
                 reply_requested: reply != 0,
             })
         }

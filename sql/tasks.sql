@@ -3,7 +3,9 @@
 -- Phases of a task (cloudmig.task.phase):
 --
 --   created -> roles -> schema -> full_copy -> post_data -> copy_complete
---       \________\________\__________\___________\--> failed (error kept; cancel cleans up)
+--     -> catchup -> incremental -> switching_over -> completed
+--   any of these --error--> failed (error kept; cancel cleans up)
+--   switching_over --timeout or error--> incremental (the source is writable again)
 --   any phase but completed/cancelled --cloudmig.cancel--> cancelled
 --
 -- A phase change is one transaction that also writes an event. Only one task
@@ -17,7 +19,8 @@ CREATE TABLE cloudmig.task (
     options         jsonb       NOT NULL DEFAULT '{}',
     phase           text        NOT NULL DEFAULT 'created'
                     CHECK (phase IN ('created', 'roles', 'schema', 'full_copy', 'post_data',
-                                     'copy_complete', 'failed', 'cancelled')),
+                                     'copy_complete', 'catchup', 'incremental', 'switching_over',
+                                     'completed', 'failed', 'cancelled')),
     phase_since     timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     requested_by    name        NOT NULL DEFAULT session_user,
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
@@ -30,7 +33,7 @@ CREATE TABLE cloudmig.task (
 );
 COMMENT ON TABLE cloudmig.task IS 'one row per migration started with cloudmig.start()';
 CREATE UNIQUE INDEX task_one_active ON cloudmig.task ((true))
-    WHERE phase NOT IN ('cancelled');
+    WHERE phase NOT IN ('completed', 'cancelled');
 
 -- One row per source database the task copies.
 CREATE TABLE cloudmig.task_database (

@@ -36,6 +36,8 @@ pub enum ApiError {
     },
     #[error("task {0} does not exist")]
     UnknownTask(i64),
+    #[error("{} table(s) have no primary key or replica identity: {}", .0.len(), crate::assess::name_list(.0, 10))]
+    TablesWithoutIdentity(Vec<String>),
     #[error("the worker of task {0} (pid {1}) did not stop within 60 seconds")]
     WorkerBusy(i64, i32),
     #[error("task {task} did not reach {target} in time (it is in {now})")]
@@ -44,6 +46,8 @@ pub enum ApiError {
         target: String,
         now: String,
     },
+    #[error("switchover refused: {message}")]
+    SwitchoverRefused { message: String, hint: String },
     #[error("catalog access failed: {0}")]
     Catalog(String),
     #[error("{0}")]
@@ -62,11 +66,13 @@ impl ApiError {
             ApiError::DestinationIsStandby => ERRCODE_READ_ONLY_SQL_TRANSACTION,
             ApiError::AssessmentRunning(_) => ERRCODE_OBJECT_IN_USE,
             ApiError::UnknownAssessment(_) | ApiError::UnknownTask(_) => ERRCODE_UNDEFINED_OBJECT,
+            ApiError::TablesWithoutIdentity(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             ApiError::AssessmentFailed(_) | ApiError::SourceChanged { .. } => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             ApiError::TaskActive(_) | ApiError::WorkerBusy(..) => ERRCODE_OBJECT_IN_USE,
             ApiError::WaitTimeout { .. } => ERRCODE_QUERY_CANCELED,
+            ApiError::SwitchoverRefused { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             ApiError::Catalog(_) => ERRCODE_INTERNAL_ERROR,
             ApiError::Source(_) => ERRCODE_CONNECTION_FAILURE,
         }
@@ -111,9 +117,16 @@ impl ApiError {
             ApiError::SourceChanged { .. } => {
                 Some("Assess the source again and start from the new assessment.".into())
             }
+            ApiError::TablesWithoutIdentity(_) => Some(
+                "Once published, the source would refuse UPDATE and DELETE on them. Add primary \
+                 keys, or start with '{\"replica_identity_full\": true}' to give them REPLICA \
+                 IDENTITY FULL on the source."
+                    .into(),
+            ),
             ApiError::UnknownTask(_) => Some("See cloudmig.tasks.".into()),
             ApiError::WorkerBusy(..) => Some("Try again; see the server log.".into()),
             ApiError::WaitTimeout { .. } => Some("Wait longer, or watch cloudmig.tasks.".into()),
+            ApiError::SwitchoverRefused { hint, .. } => (!hint.is_empty()).then(|| hint.clone()),
             ApiError::Catalog(_) => None,
             ApiError::Source(error) => error.hint(),
         }

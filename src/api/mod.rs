@@ -9,6 +9,7 @@ pub mod assess;
 pub mod error;
 pub mod secrecy;
 pub mod status;
+pub mod switchover;
 pub mod tasks;
 
 pgrx::extension_sql!(
@@ -24,6 +25,16 @@ REVOKE ALL ON FUNCTION cloudmig.cancel(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.cancel(bigint) TO cloudmig_admin;
 REVOKE ALL ON FUNCTION cloudmig.wait(bigint, text, interval) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.wait(bigint, text, interval) TO cloudmig_admin;
+REVOKE ALL ON FUNCTION cloudmig.switchover(bigint, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cloudmig.switchover(bigint, jsonb) TO cloudmig_admin;
+REVOKE ALL ON FUNCTION cloudmig.apply_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cloudmig.apply_status() TO cloudmig_admin;
+
+CREATE VIEW cloudmig.apply_progress AS SELECT * FROM cloudmig.apply_status();
+COMMENT ON VIEW cloudmig.apply_progress IS 'per database of the running task: received, applied and flushed LSNs, lag';
+REVOKE ALL ON cloudmig.apply_progress FROM PUBLIC;
+GRANT SELECT ON cloudmig.apply_progress TO cloudmig_admin;
+
 REVOKE ALL ON FUNCTION cloudmig.live_copies() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.live_copies() TO cloudmig_admin;
 
@@ -84,10 +95,14 @@ SELECT k.id AS task_id, k.assessment_id, k.source, k.phase, k.phase_since,
                  * ((p.bytes_total - p.bytes_done) / p.bytes_done)::float8
        END AS eta,
        k.created_at, coalesce(k.finished_at, pg_catalog.clock_timestamp()) - k.created_at AS elapsed,
+       a.lag_bytes, a.lag_seconds, a.transactions_applied,
        k.last_error, k.last_error_hint, k.last_error_at, k.worker_starts
   FROM cloudmig.task k
   LEFT JOIN per_table p ON p.task_id = k.id
-  LEFT JOIN per_database d ON d.task_id = k.id;
+  LEFT JOIN per_database d ON d.task_id = k.id
+  LEFT JOIN (SELECT task_id, max(lag_bytes) AS lag_bytes, max(lag_seconds) AS lag_seconds,
+                    sum(transactions) AS transactions_applied
+               FROM cloudmig.apply_status() GROUP BY task_id) a ON a.task_id = k.id;
 COMMENT ON VIEW cloudmig.tasks IS 'one row per migration task: phase, progress, rate, ETA, last error';
 
 REVOKE ALL ON cloudmig.tasks, cloudmig.table_progress FROM PUBLIC;

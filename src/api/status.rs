@@ -31,7 +31,7 @@ fn status() -> TableIterator<
     }
     let task = Spi::connect(|client| {
         let mut rows = client.select(
-            "SELECT id, phase, phase_since FROM cloudmig.task WHERE phase <> 'cancelled' ORDER BY id LIMIT 1",
+            "SELECT id, phase, phase_since FROM cloudmig.task WHERE phase NOT IN ('completed', 'cancelled') ORDER BY id LIMIT 1",
             None,
             &[],
         )?;

@@ -23,6 +23,10 @@ struct StartOptions {
     exclude_databases: Option<Vec<String>>,
     /// Tables copied in parallel (database workers per database).
     copy_workers: Option<u32>,
+    /// Give the source's tables without primary key or replica identity
+    /// REPLICA IDENTITY FULL, so the source keeps accepting their UPDATEs and
+    /// DELETEs once they are published. Required when such tables exist.
+    replica_identity_full: Option<bool>,
 }
 
 fn check_for_interrupts() {
@@ -147,6 +151,31 @@ fn start(assessment: i64, options: default!(JsonB, "'{}'")) -> i64 {
         .collect();
     if selected.is_empty() {
         ApiError::InvalidOptions("no database left to migrate".into()).raise();
+    }
+    // Publishing a table without replica identity makes the source refuse
+    // its UPDATEs and DELETEs: never do that silently.
+    if parsed.replica_identity_full != Some(true) {
+        let mut without_identity = Vec::new();
+        for (database, _) in &selected {
+            let mut options = ConnectOptions::new();
+            options.interrupt_check = Some(Box::new(check_for_interrupts));
+            options.io_timeout = crate::guc::source_timeout();
+            let mut connection =
+                Connection::connect(&info.with_dbname(database), options).or_raise();
+            for row in connection
+                .simple_query(crate::copy::TABLES_WITHOUT_IDENTITY_SQL)
+                .or_raise()
+            {
+                without_identity.push(format!(
+                    "{database}: {}",
+                    row.get("name").unwrap_or_default()
+                ));
+            }
+            connection.close();
+        }
+        if !without_identity.is_empty() {
+            ApiError::TablesWithoutIdentity(without_identity).raise();
+        }
     }
     let id = as_extension_owner(|| tasks::create(assessment, &masked, options_value, &selected))
         .map_err(|e| ApiError::Catalog(format!("creating task: {e}")))

@@ -5,4 +5,6 @@
 //! transaction, advancing a replication origin in the same commit, builds
 //! on it.
 
+pub mod applier;
+pub mod spi;
 pub mod statements;

@@ -15,20 +15,32 @@ pub enum Phase {
     Schema,
     FullCopy,
     PostData,
-    /// The copy is complete; the apply of changes continues from here.
+    /// The copy is complete; the apply of changes starts from here.
     CopyComplete,
+    /// Changes stream in; the destination is catching up with the source.
+    Catchup,
+    /// Caught up: changes are applied as they happen; switchover is possible.
+    Incremental,
+    /// `cloudmig.switchover()` is fencing the source and draining.
+    SwitchingOver,
+    /// Cut over: the destination has everything, the source is read-only.
+    Completed,
     Failed,
     Cancelled,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 12] = [
         Phase::Created,
         Phase::Roles,
         Phase::Schema,
         Phase::FullCopy,
         Phase::PostData,
         Phase::CopyComplete,
+        Phase::Catchup,
+        Phase::Incremental,
+        Phase::SwitchingOver,
+        Phase::Completed,
         Phase::Failed,
         Phase::Cancelled,
     ];
@@ -41,6 +53,10 @@ impl Phase {
             Phase::FullCopy => "full_copy",
             Phase::PostData => "post_data",
             Phase::CopyComplete => "copy_complete",
+            Phase::Catchup => "catchup",
+            Phase::Incremental => "incremental",
+            Phase::SwitchingOver => "switching_over",
+            Phase::Completed => "completed",
             Phase::Failed => "failed",
             Phase::Cancelled => "cancelled",
         }
@@ -52,15 +68,12 @@ impl Phase {
 
     /// Phases in which a task worker has work to do.
     pub fn needs_worker(self) -> bool {
-        matches!(
-            self,
-            Phase::Created | Phase::Roles | Phase::Schema | Phase::FullCopy | Phase::PostData
-        )
+        !matches!(self, Phase::Completed | Phase::Failed | Phase::Cancelled)
     }
 
     /// Phases a task never leaves.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Phase::Cancelled)
+        matches!(self, Phase::Completed | Phase::Cancelled)
     }
 
     /// Whether `self` is `target` or comes after it on the way to completion
@@ -154,10 +167,10 @@ pub fn publication_name(task_id: i64) -> String {
     format!("cloudmig_{task_id}")
 }
 
-/// The active task (not cancelled), if any.
+/// The active task (not completed or cancelled), if any.
 pub fn active_task_id() -> SpiResult<Option<i64>> {
     super::first_value::<i64>(
-        "SELECT id FROM cloudmig.task WHERE phase <> 'cancelled' ORDER BY id LIMIT 1",
+        "SELECT id FROM cloudmig.task WHERE phase NOT IN ('completed', 'cancelled') ORDER BY id LIMIT 1",
         &[],
     )
 }
@@ -187,7 +200,7 @@ pub fn load(task_id: i64) -> SpiResult<Option<Task>> {
 pub fn set_phase(task_id: i64, phase: Phase, message: &str) -> SpiResult<()> {
     Spi::run_with_args(
         "UPDATE cloudmig.task SET phase = $2, phase_since = pg_catalog.clock_timestamp(), \
-                finished_at = CASE WHEN $2 IN ('copy_complete', 'failed', 'cancelled') \
+                finished_at = CASE WHEN $2 IN ('completed', 'failed', 'cancelled') \
                                    THEN pg_catalog.clock_timestamp() END, \
                 copy_started_at = CASE WHEN $2 = 'full_copy' \
                                        THEN coalesce(copy_started_at, pg_catalog.clock_timestamp()) \

@@ -10,3 +10,9 @@ pub mod objects;
 pub const SOURCE_TABLES_SQL: &str = include_str!("sql/source_tables.sql");
 /// Sequence states at the snapshot (runs on the source).
 pub const SOURCE_SEQUENCES_SQL: &str = include_str!("sql/source_sequences.sql");
+/// The tables published one by one when FOR ALL TABLES is not allowed.
+pub const PUBLISHABLE_TABLES_SQL: &str = include_str!("sql/publishable_tables.sql");
+/// Tables the source would refuse UPDATE/DELETE on once published (shared
+/// with the assessment's check).
+pub const TABLES_WITHOUT_IDENTITY_SQL: &str =
+    include_str!("../assess/sql/source_tables_without_identity.sql");

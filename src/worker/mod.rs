@@ -9,8 +9,10 @@
 //!                                              └──> database workers (one db each, up to copy_workers)
 //! ```
 
+pub mod apply;
 pub mod cleanup;
 pub mod database;
+pub mod incremental;
 pub mod inspect;
 pub mod jobs;
 pub mod launcher;

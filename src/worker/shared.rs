@@ -130,6 +130,44 @@ pub struct TaskActivity {
     /// `cloudmig.cancel()` asked this task to stop (shared memory, so the
     /// request is seen at once, without waiting for the caller to commit).
     pub cancel_task_id: i64,
+    /// The switchover handshake between `cloudmig.switchover()` and the task worker.
+    pub switchover: SwitchoverExchange,
+}
+
+/// Where a switchover request stands.
+#[derive(Copy, Clone, PartialEq, Eq, Debug, Default)]
+#[repr(u8)]
+pub enum SwitchoverState {
+    #[default]
+    Idle = 0,
+    Requested = 1,
+    Running = 2,
+    Done = 3,
+    Failed = 4,
+}
+
+/// A switchover request (written by the caller) and its outcome (by the worker).
+#[derive(Copy, Clone, Default)]
+pub struct SwitchoverExchange {
+    pub state: SwitchoverState,
+    pub task_id: i64,
+    pub requester_pid: i32,
+    pub max_lag_bytes: i64,
+    pub timeout_ms: i64,
+    pub terminate_sessions: bool,
+    /// Comma-separated user names whose sessions are not terminated.
+    pub exempt_users: FixedText<512>,
+    pub message: FixedText<1024>,
+    pub hint: FixedText<256>,
+    /// Milliseconds of: the whole downtime, fencing, draining, sequences and
+    /// large objects, cleanup.
+    pub downtime_ms: i64,
+    pub fence_ms: i64,
+    pub drain_ms: i64,
+    pub objects_ms: i64,
+    pub cleanup_ms: i64,
+    /// The source's LSN at the fence (the last database's marker).
+    pub final_lsn: u64,
 }
 // SAFETY: plain old data, no pointers.
 unsafe impl PGRXSharedMemory for TaskActivity {}
@@ -204,10 +242,47 @@ pub static ASSESSMENT: PgLwLock<AssessmentActivity> =
 pub static INSPECTION: PgLwLock<InspectionMailbox> =
     unsafe { PgLwLock::new(c"cloudmig_inspection") };
 
+/// Where one database's apply stands; written by its apply worker (and
+/// the source's WAL position by the task worker), read by the views.
+#[derive(Copy, Clone, Default)]
+pub struct ApplySlot {
+    pub task_id: i64,
+    pub database: FixedText<64>,
+    pub worker_pid: i32,
+    /// Where streaming starts (the slot's consistent point the first time).
+    pub start_lsn: u64,
+    /// End of the WAL the source has sent us (keepalives included).
+    pub received_lsn: u64,
+    /// End LSN of the last transaction committed here.
+    pub applied_lsn: u64,
+    /// What we reported to the source as durably flushed here.
+    pub flushed_lsn: u64,
+    /// Source commit time of the last applied transaction (TimestampTz).
+    pub last_commit_time: i64,
+    /// Local time of the last message from the source (TimestampTz).
+    pub last_message_at: i64,
+    /// Transactions applied since the worker started.
+    pub transactions: u64,
+    /// True while nothing received is left to apply.
+    pub caught_up: bool,
+    /// The source's current WAL insert position, polled by the task worker.
+    pub source_lsn: u64,
+    /// The switchover's marker LSN in this database, once seen applied.
+    pub fence_seen_lsn: u64,
+    /// Why the apply stopped (relation, remote LSN, xid in the message).
+    pub error: FixedText<1024>,
+    pub error_hint: FixedText<512>,
+}
+// SAFETY: plain old data, no pointers.
+unsafe impl PGRXSharedMemory for ApplySlot {}
+
 /// Pid of the launcher worker (0 while it is not running).
 pub static LAUNCHER_PID: PgLwLock<i32> = unsafe { PgLwLock::new(c"cloudmig_launcher") };
 pub static TASK: PgLwLock<TaskActivity> = unsafe { PgLwLock::new(c"cloudmig_task") };
 pub static JOBS: PgLwLock<[JobSlot; MAX_JOB_SLOTS]> = unsafe { PgLwLock::new(c"cloudmig_jobs") };
+/// One apply slot per source database of the running task.
+pub static APPLY: PgLwLock<[ApplySlot; MAX_JOB_SLOTS]> =
+    unsafe { PgLwLock::new(c"cloudmig_apply") };
 
 /// Requests the shared memory; called from `_PG_init`.
 pub fn init() {
@@ -216,6 +291,7 @@ pub fn init() {
     pg_shmem_init!(LAUNCHER_PID);
     pg_shmem_init!(TASK);
     pg_shmem_init!(JOBS = [JobSlot::default(); MAX_JOB_SLOTS]);
+    pg_shmem_init!(APPLY = [ApplySlot::default(); MAX_JOB_SLOTS]);
 }
 
 /// Wakes process `pid` (a background worker) by setting its latch, the way

@@ -144,15 +144,15 @@ fn run_with_retries(task_id: i64) -> Result<(), Stop> {
 }
 
 /// A snapshot exported by a replication connection that stays open.
-struct HeldSnapshot {
+pub(super) struct HeldSnapshot {
     connection: Connection,
     slot: CreatedSlot,
 }
 
-struct Runner {
-    task: Task,
-    info: ConnInfo,
-    work_dir: PathBuf,
+pub(super) struct Runner {
+    pub(super) task: Task,
+    pub(super) info: ConnInfo,
+    pub(super) work_dir: PathBuf,
     copy_workers: usize,
     snapshots: HashMap<String, HeldSnapshot>,
     /// An earlier worker ran this task (see `JobSlot::resuming`).
@@ -206,7 +206,7 @@ impl Runner {
         })
     }
 
-    fn should_stop(&self) -> Option<Stop> {
+    pub(super) fn should_stop(&self) -> Option<Stop> {
         if txn::shutdown_requested() {
             Some(Stop::Shutdown)
         } else if shared::cancel_requested() == Some(self.task.id) {
@@ -216,24 +216,29 @@ impl Runner {
         }
     }
 
-    fn check(&self) -> Result<(), Stop> {
+    pub(super) fn check(&self) -> Result<(), Stop> {
         self.should_stop().map_or(Ok(()), Err)
     }
 
-    fn set_phase(&mut self, phase: Phase, message: &str) -> Result<(), Stop> {
+    pub(super) fn set_phase(&mut self, phase: Phase, message: &str) -> Result<(), Stop> {
         let id = self.task.id;
         txn::spi(|| tasks::set_phase(id, phase, message))?;
         self.task.phase = phase;
         Ok(())
     }
 
-    fn event(&self, datname: Option<&str>, kind: &str, message: &str) -> Result<(), Stop> {
+    pub(super) fn event(
+        &self,
+        datname: Option<&str>,
+        kind: &str,
+        message: &str,
+    ) -> Result<(), Stop> {
         let id = self.task.id;
         txn::spi(|| tasks::add_event(id, datname, kind, message))?;
         Ok(())
     }
 
-    fn databases(&self) -> Result<Vec<TaskDatabase>, Stop> {
+    pub(super) fn databases(&self) -> Result<Vec<TaskDatabase>, Stop> {
         let id = self.task.id;
         Ok(txn::spi(|| tasks::databases(id))?)
     }
@@ -249,7 +254,7 @@ impl Runner {
         Ok(())
     }
 
-    fn connect(&self, dbname: &str, replication: bool) -> Result<Connection, Stop> {
+    pub(super) fn connect(&self, dbname: &str, replication: bool) -> Result<Connection, Stop> {
         let mut options = ConnectOptions::new();
         options.replication = replication;
         options.io_timeout = crate::guc::source_timeout();
@@ -282,11 +287,15 @@ impl Runner {
                 Phase::PostData => {
                     self.apply_post_data()?;
                     self.release_snapshots();
-                    let _ = std::fs::remove_dir_all(&self.work_dir);
+                    self.prepare_apply()?;
                     self.set_phase(
                         Phase::CopyComplete,
-                        "every database is copied; waiting for the apply of changes",
+                        "every database is copied; the apply of changes starts",
                     )?;
+                }
+                Phase::CopyComplete => self.set_phase(Phase::Catchup, "")?,
+                Phase::Catchup | Phase::Incremental | Phase::SwitchingOver => {
+                    return self.follow();
                 }
                 _ => return Ok(()),
             }
@@ -381,6 +390,9 @@ impl Runner {
             None => (database.slot_name.clone(), false),
         };
         if !temporary {
+            // The publication must exist before the slot: pgoutput reads it
+            // with the historic snapshot of each change.
+            self.ensure_publication(&database.datname)?;
             // A slot left by an attempt that applied nothing: start over.
             match connection.drop_replication_slot(&name, false) {
                 Ok(()) => {}
@@ -406,6 +418,90 @@ impl Runner {
         Ok(())
     }
 
+    /// Creates the task's publication in a source database (FOR ALL TABLES
+    /// for a superuser account, else the tables one by one, which needs the
+    /// privileges of their owners), after giving the tables without replica
+    /// identity REPLICA IDENTITY FULL when the task's options ask for it
+    /// (`start` refuses to run without that choice).
+    fn ensure_publication(&self, datname: &str) -> Result<(), Stop> {
+        let publication = tasks::publication_name(self.task.id);
+        let mut connection = self.connect(datname, false)?;
+        let failed = |what: &str, e: SourceError| Stop::Failed(source_failure(what, e));
+        let exists = !connection
+            .simple_query(&format!(
+                "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {}",
+                quote_literal(&publication)
+            ))
+            .map_err(|e| failed("could not read publications", e))?
+            .is_empty();
+        if exists {
+            connection.close();
+            return Ok(());
+        }
+        if self
+            .task
+            .options
+            .get("replica_identity_full")
+            .and_then(serde_json::Value::as_bool)
+            == Some(true)
+        {
+            let tables = connection
+                .simple_query(crate::copy::TABLES_WITHOUT_IDENTITY_SQL)
+                .map_err(|e| failed("could not list tables without replica identity", e))?;
+            for row in &tables {
+                let name = row.get("name").unwrap_or_default();
+                connection
+                    .execute(&format!("ALTER TABLE {name} REPLICA IDENTITY FULL"))
+                    .map_err(|e| {
+                        failed(&format!("could not set REPLICA IDENTITY FULL on {name}"), e)
+                    })?;
+                self.event(
+                    Some(datname),
+                    "info",
+                    &format!("{name}: REPLICA IDENTITY FULL set on the source"),
+                )?;
+            }
+        }
+        let superuser = connection
+            .simple_query("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+            .map_err(|e| failed("could not read the migration account", e))?
+            .first()
+            .map(|row| row.get("rolsuper") == Some("t"))
+            .unwrap_or(false);
+        let scope = if superuser {
+            "FOR ALL TABLES".to_string()
+        } else {
+            let tables: Vec<String> = connection
+                .simple_query(crate::copy::PUBLISHABLE_TABLES_SQL)
+                .map_err(|e| failed("could not list the tables to publish", e))?
+                .iter()
+                .filter_map(|row| row.get("name").map(str::to_string))
+                .collect();
+            if tables.is_empty() {
+                String::new()
+            } else {
+                format!("FOR TABLE {}", tables.join(", "))
+            }
+        };
+        connection
+            .execute(&format!(
+                "CREATE PUBLICATION {} {scope}",
+                crate::source::quote_ident(&publication)
+            ))
+            .map_err(|e| {
+                let mut failure =
+                    source_failure(&format!("could not create publication {publication}"), e);
+                failure.hint = Some(
+                    "use a superuser migration account, or grant the account the owners of every \
+                     table (GRANT <owner> TO <account>)"
+                        .into(),
+                );
+                Stop::Failed(failure)
+            })?;
+        connection.close();
+        Ok(())
+    }
+
     fn snapshot_of(&self, datname: &str) -> Option<(String, String)> {
         let held = self.snapshots.get(datname)?;
         Some((
@@ -420,7 +516,7 @@ impl Runner {
         }
     }
 
-    fn run_jobs(
+    pub(super) fn run_jobs(
         &self,
         database: &str,
         jobs: Vec<Job>,

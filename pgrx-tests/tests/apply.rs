@@ -1,0 +1,129 @@
+//! End to end: after the copy, the source's changes stream in and are
+//! applied exactly once; then a switchover cuts over and reports downtime.
+
+use cloudmig_e2e::compare::{assert_same_data, assert_same_sequences};
+use cloudmig_e2e::{poll_until, Cluster, ClusterBuilder};
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn source(name: &str) -> Cluster {
+    ClusterBuilder::source(name)
+        .conf("max_prepared_transactions = 2")
+        .init_sql("CREATE DATABASE app")
+        .start()
+}
+
+const APP_SQL: &str = "
+    CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL, doc jsonb, big text);
+    CREATE TABLE events (at timestamptz, what text);               -- no key: REPLICA IDENTITY FULL
+    CREATE TABLE audit (id bigserial PRIMARY KEY, item bigint, op text);
+    CREATE FUNCTION audit_items() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN INSERT INTO audit (item, op) VALUES (coalesce(NEW.id, OLD.id), TG_OP); RETURN NULL; END $$;
+    CREATE TRIGGER items_audit AFTER INSERT OR UPDATE OR DELETE ON items
+        FOR EACH ROW EXECUTE FUNCTION audit_items();
+    CREATE TABLE measures (city text, day date, value int, PRIMARY KEY (city, day)) PARTITION BY LIST (city);
+    CREATE TABLE measures_a PARTITION OF measures FOR VALUES IN ('a');
+    CREATE TABLE measures_b PARTITION OF measures FOR VALUES IN ('b');
+    INSERT INTO items (name, doc) SELECT 'item ' || i, jsonb_build_object('i', i) FROM generate_series(1, 1000) i;
+    INSERT INTO events VALUES ('2024-01-01', 'dup'), ('2024-01-01', 'dup'), ('2024-01-02', 'one');
+    INSERT INTO measures VALUES ('a', '2024-01-01', 1), ('a', '2024-01-02', 3), ('b', '2024-01-01', 2);
+";
+
+fn start_task(dest: &Cluster, source: &Cluster) -> i64 {
+    let mut client = dest.client("postgres");
+    let conninfo = source.tcp_conninfo("postgres", None, "postgres");
+    let assessment: i64 = client.query_one("SELECT cloudmig.assess($1)", &[&conninfo]).unwrap().get(0);
+    client
+        .query_one("SELECT cloudmig.start($1, '{\"replica_identity_full\": true}')", &[&assessment])
+        .unwrap_or_else(|e| panic!("start: {e:?}"))
+        .get(0)
+}
+
+fn wait(dest: &Cluster, task: i64, phase: &str) {
+    let reached: String = dest
+        .client("postgres")
+        .query_one("SELECT cloudmig.wait($1, $2, '3 minutes')", &[&task, &phase])
+        .unwrap_or_else(|e| panic!("wait {phase}: {e:?}\n{}", dest.log_tail(30)))
+        .get(0);
+    assert_eq!(reached, phase, "{}", events(dest, task));
+}
+
+fn events(dest: &Cluster, task: i64) -> String {
+    dest.client("postgres")
+        .query("SELECT kind || ': ' || message FROM cloudmig.events WHERE task_id = $1 ORDER BY id", &[&task])
+        .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n"))
+        .unwrap_or_default()
+}
+
+/// Waits until every database applied everything the source has now.
+fn caught_up(source: &Cluster, dest: &Cluster, task: i64) {
+    let target: String = source.query_scalar("postgres", "SELECT pg_current_wal_lsn()::text");
+    poll_until(
+        dest,
+        "postgres",
+        &format!(
+            "SELECT bool_and(applied_lsn::pg_lsn >= '{target}'::pg_lsn) FROM cloudmig.apply_progress WHERE task_id = {task}"
+        ),
+        "t",
+        TIMEOUT,
+    );
+}
+
+#[test]
+fn changes_of_every_kind_are_applied_once_and_switchover_completes() {
+    let source = source("apply-src");
+    source.execute("app", APP_SQL);
+    let dest = ClusterBuilder::destination("apply-dst").start();
+    let task = start_task(&dest, &source);
+    wait(&dest, task, "incremental");
+
+    source.execute(
+        "app",
+        "INSERT INTO items (name) VALUES ('new');
+         UPDATE items SET name = name || ' changed' WHERE id <= 10;
+         DELETE FROM items WHERE id BETWEEN 11 AND 20;
+         UPDATE items SET big = repeat(md5(random()::text), 100000) WHERE id = 21;
+         UPDATE events SET what = 'changed' WHERE what = 'one';
+         DELETE FROM events WHERE ctid = (SELECT ctid FROM events WHERE what = 'dup' LIMIT 1);
+         UPDATE measures SET city = 'b' WHERE city = 'a' AND day = '2024-01-02';",
+    );
+    // An unchanged TOASTed value keeps its value here.
+    source.execute("app", "UPDATE items SET name = 'toast kept' WHERE id = 21");
+    // A big transaction, a rolled-back one and a rolled-back savepoint.
+    source.execute("app", "INSERT INTO items (name) SELECT 'bulk ' || i FROM generate_series(1, 200000) i");
+    source.execute("app", "BEGIN; INSERT INTO items (name) VALUES ('never'); ROLLBACK;");
+    source.execute(
+        "app",
+        "BEGIN; INSERT INTO items (name) VALUES ('kept');
+         SAVEPOINT s; INSERT INTO items (name) VALUES ('rolled back'); ROLLBACK TO SAVEPOINT s;
+         COMMIT;",
+    );
+    source.execute("app", "TRUNCATE audit");
+    caught_up(&source, &dest, task);
+
+    for table in ["items", "events", "audit", "measures_a", "measures_b"] {
+        let sql = format!("SELECT count(*)::text || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {table} t");
+        let (on_source, here): (String, String) = (source.query_scalar("app", &sql), dest.query_scalar("app", &sql));
+        assert_eq!(on_source, here, "{table} differs");
+    }
+    let toast: String = dest.query_scalar("app", "SELECT md5(big) FROM items WHERE id = 21");
+    assert_eq!(toast, source.query_scalar::<String>("app", "SELECT md5(big) FROM items WHERE id = 21"));
+    // Triggers fired once, on the source only: the audit rows came as data.
+    assert_eq!(dest.query_scalar::<i64>("app", "SELECT count(*) FROM audit"), 0);
+
+    // Switchover: writes stop on the source, the rest arrives, downtime is reported.
+    let row = dest
+        .client("postgres")
+        .query_one("SELECT downtime_ms, final_lsn FROM cloudmig.switchover($1)", &[&task])
+        .unwrap_or_else(|e| panic!("switchover: {e:?}\n{}", events(&dest, task)));
+    let downtime: i64 = row.get(0);
+    assert!(downtime >= 0);
+    wait(&dest, task, "completed");
+    // The source refuses writes now, and keeps no slot or publication of ours.
+    let refused = source.client("app").batch_execute("INSERT INTO items (name) VALUES ('late')");
+    assert!(refused.is_err(), "the source still accepts writes");
+    poll_until(&source, "postgres", "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'cloudmig%'", "0", TIMEOUT);
+    assert_same_data(&source, &dest, "app");
+    assert_same_sequences(&source, &dest, "app");
+}

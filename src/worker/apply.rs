@@ -1,0 +1,480 @@
+//! The apply worker: one per source database, connected to that database
+//! here. It streams the task's slot with pgoutput from where the local
+//! replication origin says it stopped, and applies the changes transaction by
+//! transaction, as PostgreSQL's own apply worker (worker.c) does:
+//!
+//! * `session_replication_role = replica` (user triggers and foreign keys do
+//!   not fire twice), an empty `search_path`, asynchronous local commits;
+//! * the replication origin advanced in the same local commit as the applied
+//!   transaction, so a crash never applies a transaction twice or skips one;
+//! * feedback reports as flushed only what is durably committed here (local
+//!   commit LSNs mapped to the source's, checked against the local WAL flush
+//!   position), and, when idle, the end of the source's WAL, so the slot
+//!   releases WAL even for a database nobody writes to;
+//! * an error stops this database's apply; its relation, remote LSN and xid
+//!   go to shared memory, where the task worker picks them up.
+
+use super::shared::{ApplySlot, APPLY, TASK};
+use super::txn::{self, Failure};
+use crate::apply::applier::{Applier, ApplyError};
+use crate::apply::spi;
+use crate::source::pgoutput::{Decoder, Message};
+use crate::source::{
+    ConnInfo, ConnectOptions, Connection, Lsn, PgOutputOptions, ReplicationMessage,
+};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::pg_sys::PgTryBuilder;
+use pgrx::prelude::*;
+use std::collections::{HashMap, VecDeque};
+use std::ffi::CString;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+/// How often feedback goes to the source at the least (wal_receiver_status_interval).
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest single wait for the next message, so signals are seen promptly.
+const READ_WAIT: Duration = Duration::from_millis(500);
+/// The prefix of cloudmig's own logical messages (the switchover marker).
+pub const MESSAGE_PREFIX: &str = "cloudmig";
+
+/// What one apply slot is told by the task worker before the worker starts.
+pub struct ApplyStart {
+    pub slot_name: String,
+    pub publication: String,
+    pub origin_name: String,
+    pub sync_file: String,
+}
+
+/// Starts the apply worker of slot `index` (the task worker fills the slot first).
+pub fn start_worker(
+    index: usize,
+    database: &str,
+) -> Result<pgrx::bgworkers::DynamicBackgroundWorker, Failure> {
+    // SAFETY: MyProcPid is set at process start.
+    let my_pid = unsafe { pg_sys::MyProcPid };
+    pgrx::bgworkers::BackgroundWorkerBuilder::new(&format!("cloudmig apply ({database})"))
+        .set_type("cloudmig apply")
+        .set_library("cloudmig")
+        .set_function("cloudmig_apply_main")
+        .set_argument(Some(pg_sys::Datum::from(index)))
+        .enable_spi_access()
+        .set_start_time(pgrx::bgworkers::BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(None)
+        .set_notify_pid(my_pid)
+        .load_dynamic()
+        .map_err(|_| {
+            Failure::with_hint(
+                "no background worker slot is free for a cloudmig apply worker",
+                "raise max_worker_processes (restart)",
+            )
+        })
+}
+
+/// The names the task worker and the apply worker agree on.
+pub fn origin_name(task_id: i64, ordinal: usize) -> String {
+    format!("cloudmig_{task_id}_{ordinal}")
+}
+
+/// Reads "schema.table<TAB>lsn" lines (tables copied after a resume).
+fn read_sync_file(path: &str) -> HashMap<String, Lsn> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (table, lsn) = line.rsplit_once('\t')?;
+            Some((table.to_string(), lsn.parse().ok()?))
+        })
+        .collect()
+}
+
+fn now() -> i64 {
+    // SAFETY: reads the clock.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+fn update_slot(index: usize, change: impl FnOnce(&mut ApplySlot)) {
+    let mut slots = APPLY.exclusive();
+    if let Some(slot) = slots.get_mut(index) {
+        change(slot);
+    }
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn cloudmig_apply_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let index = arg.value();
+    let (task_id, database, start_lsn) = match APPLY.share().get(index) {
+        Some(slot) => (slot.task_id, slot.database.get(), slot.start_lsn),
+        None => return,
+    };
+    txn::serve_task(task_id);
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // SAFETY: MyProcPid is set at process start.
+    let my_pid = unsafe { pg_sys::MyProcPid };
+    update_slot(index, |slot| {
+        slot.worker_pid = my_pid;
+        slot.error.set("");
+        slot.error_hint.set("");
+    });
+    let start = read_start_file(task_id, index);
+    if let Err(failure) = run(index, task_id, &database, Lsn(start_lsn), start) {
+        if !txn::shutdown_requested() {
+            pgrx::log!("cloudmig: apply of {database} stopped: {failure}");
+            update_slot(index, |slot| {
+                slot.error.set(&failure.message);
+                slot.error_hint.set(failure.hint.as_deref().unwrap_or(""));
+            });
+            super::shared::wake(TASK.share().worker_pid);
+        }
+    }
+    update_slot(index, |slot| slot.worker_pid = 0);
+}
+
+/// The start parameters, written by the task worker beside the slot.
+fn read_start_file(task_id: i64, index: usize) -> Option<ApplyStart> {
+    let path = super::task::work_dir(task_id).join(format!("apply-{index}.conf"));
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    Some(ApplyStart {
+        slot_name: lines.next()?.to_string(),
+        publication: lines.next()?.to_string(),
+        origin_name: lines.next()?.to_string(),
+        sync_file: lines.next().unwrap_or("").to_string(),
+    })
+}
+
+/// Writes the start parameters of apply slot `index`.
+pub fn write_start_file(task_id: i64, index: usize, start: &ApplyStart) -> std::io::Result<()> {
+    let dir = super::task::work_dir(task_id);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join(format!("apply-{index}.conf")),
+        format!(
+            "{}\n{}\n{}\n{}\n",
+            start.slot_name, start.publication, start.origin_name, start.sync_file
+        ),
+    )
+}
+
+/// Sets up the replication origin for this session; returns where it stands.
+fn setup_origin(name: &str) -> Result<Lsn, Failure> {
+    let name = CString::new(name).unwrap_or_default();
+    txn::run(|| {
+        // SAFETY: origin functions in a transaction on the main thread, as
+        // worker.c calls them.
+        unsafe {
+            let mut origin = pg_sys::replorigin_by_name(name.as_ptr(), true);
+            if origin == pg_sys::InvalidRepOriginId as u16 {
+                origin = pg_sys::replorigin_create(name.as_ptr());
+            }
+            pg_sys::replorigin_session_setup(origin);
+            pg_sys::replorigin_session_origin = origin;
+            Ok(Lsn(pg_sys::replorigin_session_get_progress(false)))
+        }
+    })
+}
+
+fn caught(error: CaughtError) -> Failure {
+    let report = match &error {
+        CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => report,
+        CaughtError::RustPanic { ereport, .. } => ereport,
+    };
+    let mut failure = Failure::new(report.message().to_string());
+    failure.hint = report.hint().map(str::to_string);
+    failure
+}
+
+/// The local transaction of the source transaction being applied.
+struct OpenTransaction {
+    xid: u32,
+    final_lsn: Lsn,
+}
+
+fn run(
+    index: usize,
+    task_id: i64,
+    database: &str,
+    slot_start: Lsn,
+    start: Option<ApplyStart>,
+) -> Result<(), Failure> {
+    let start = start.ok_or_else(|| Failure::new("apply worker started without its parameters"))?;
+    txn::run(|| {
+        spi::connect().map_err(|e| Failure::new(e.to_string()))?;
+        let result = spi::query(
+            "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off",
+        );
+        spi::finish();
+        result.map(|_| ()).map_err(|e| Failure::new(e.to_string()))
+    })?;
+    let origin_progress = setup_origin(&start.origin_name)?;
+    let from = if origin_progress.0 != 0 {
+        origin_progress
+    } else {
+        slot_start
+    };
+
+    let info = ConnInfo::parse(&TASK.share().conninfo.get())
+        .map_err(|e| Failure::new(format!("invalid source connection string: {e}")))?
+        .with_dbname(database);
+    let mut options = ConnectOptions::new();
+    options.replication = true;
+    options.io_timeout = crate::guc::source_timeout();
+    options.interrupt_check = Some(Box::new(txn::interrupt_check));
+    let mut connection =
+        Connection::connect(&info, options).map_err(|e| Failure::from_source("", &e))?;
+    let mut pgoutput = PgOutputOptions::new(&start.publication);
+    pgoutput.proto_version = 2;
+    pgoutput.messages = true;
+    let mut stream = connection
+        .start_pgoutput(&start.slot_name, from, &pgoutput)
+        .map_err(|e| Failure::from_source("could not start streaming", &e))?;
+    update_slot(index, |slot| {
+        slot.applied_lsn = slot.applied_lsn.max(from.0);
+        slot.received_lsn = slot.received_lsn.max(from.0);
+    });
+
+    let mut applier = Applier::new(read_sync_file(&start.sync_file));
+    let mut decoder = Decoder::new();
+    let mut open: Option<OpenTransaction> = None;
+    // (local commit end, remote end) of commits not yet known flushed here.
+    let mut pending: VecDeque<(u64, Lsn)> = VecDeque::new();
+    let mut received = from;
+    let mut applied = from;
+    let mut flushed = from;
+    let mut last_status = Instant::now() - STATUS_INTERVAL;
+    let _ = task_id;
+
+    loop {
+        if txn::shutdown_requested() {
+            if open.is_some() {
+                // SAFETY: abandon the half-applied transaction; the origin
+                // was not advanced, so it is streamed again next time.
+                unsafe { pg_sys::AbortCurrentTransaction() };
+            }
+            let _ = stream.finish();
+            return Ok(());
+        }
+        let mut reply_requested = false;
+        match stream
+            .next(READ_WAIT)
+            .map_err(|e| Failure::from_source("replication stream", &e))?
+        {
+            Some(ReplicationMessage::XLogData { wal_end, data, .. }) => {
+                received = received.max(wal_end);
+                let message = decoder
+                    .decode(&data)
+                    .map_err(|e| Failure::new(format!("undecodable change: {e}")))?;
+                let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
+                    handle(
+                        &mut applier,
+                        &mut open,
+                        &message,
+                        &mut pending,
+                        &mut applied,
+                        index,
+                    )
+                }))
+                .catch_others(|error| Err(caught(error)))
+                .execute();
+                if let Err(mut failure) = outcome {
+                    let context = match &open {
+                        Some(transaction) => format!(
+                            " (remote transaction {} committing at {}{})",
+                            transaction.xid,
+                            transaction.final_lsn,
+                            relation_of(&message)
+                                .and_then(|oid| applier.relation_name(oid))
+                                .map(|name| format!(", relation {name}"))
+                                .unwrap_or_default()
+                        ),
+                        None => String::new(),
+                    };
+                    failure.message =
+                        format!("applying a change failed: {}{context}", failure.message);
+                    if open.take().is_some() {
+                        // SAFETY: as above.
+                        unsafe { pg_sys::AbortCurrentTransaction() };
+                    }
+                    return Err(failure);
+                }
+            }
+            Some(ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested: reply,
+                ..
+            }) => {
+                received = received.max(wal_end);
+                reply_requested = reply;
+            }
+            None => {}
+        }
+        // What is durably committed here, in the source's terms (get_flush_position).
+        // SAFETY: reads the local WAL flush position.
+        let local_flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+        while let Some((local_end, remote_end)) = pending.front().copied() {
+            if local_end > local_flushed {
+                break;
+            }
+            flushed = flushed.max(remote_end);
+            pending.pop_front();
+        }
+        let idle = open.is_none() && pending.is_empty();
+        if idle {
+            // Nothing of ours is in flight: everything received is done.
+            flushed = flushed.max(received);
+            applied = applied.max(received);
+        }
+        update_slot(index, |slot| {
+            slot.received_lsn = received.0;
+            slot.applied_lsn = applied.0;
+            slot.flushed_lsn = flushed.0;
+            slot.caught_up = idle;
+            slot.last_message_at = now();
+        });
+        // When idle, ask for a keepalive every second: it carries the end of
+        // the source's WAL, which is how an idle database shows no lag.
+        let idle_poll = idle && last_status.elapsed() >= Duration::from_secs(1);
+        if reply_requested || last_status.elapsed() >= STATUS_INTERVAL || idle_poll {
+            stream
+                .send_status(received, flushed, applied, idle_poll)
+                .map_err(|e| Failure::from_source("could not send feedback", &e))?;
+            last_status = Instant::now();
+        }
+    }
+}
+
+fn relation_of(message: &Message) -> Option<u32> {
+    match message {
+        Message::Insert { relation, .. }
+        | Message::Update { relation, .. }
+        | Message::Delete { relation, .. } => Some(*relation),
+        _ => None,
+    }
+}
+
+fn apply_error(error: ApplyError) -> Failure {
+    Failure::with_hint(error.to_string(), error.hint())
+}
+
+/// Applies one decoded message; opens and commits local transactions.
+fn handle(
+    applier: &mut Applier,
+    open: &mut Option<OpenTransaction>,
+    message: &Message,
+    pending: &mut VecDeque<(u64, Lsn)>,
+    applied: &mut Lsn,
+    index: usize,
+) -> Result<(), Failure> {
+    match message {
+        Message::Begin { final_lsn, xid, .. } => {
+            // SAFETY: a worker's own transaction boundary.
+            unsafe {
+                pg_sys::SetCurrentStatementStartTimestamp();
+                pg_sys::StartTransactionCommand();
+                pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            }
+            spi::connect().map_err(|e| Failure::new(e.to_string()))?;
+            *open = Some(OpenTransaction {
+                xid: *xid,
+                final_lsn: *final_lsn,
+            });
+        }
+        Message::Commit {
+            end_lsn,
+            commit_time,
+            ..
+        } => {
+            if open.take().is_some() {
+                spi::finish();
+                // SAFETY: the origin's progress is set for this commit, as
+                // worker.c does before CommitTransactionCommand.
+                unsafe {
+                    pg_sys::replorigin_session_origin_lsn = end_lsn.0;
+                    pg_sys::replorigin_session_origin_timestamp = *commit_time;
+                    pg_sys::PopActiveSnapshot();
+                    pg_sys::CommitTransactionCommand();
+                    pending.push_back((pg_sys::XactLastCommitEnd, *end_lsn));
+                }
+                *applied = (*applied).max(*end_lsn);
+                update_slot(index, |slot| {
+                    slot.last_commit_time = *commit_time;
+                    slot.transactions += 1;
+                });
+            }
+        }
+        Message::Relation {
+            oid,
+            namespace,
+            name,
+            replica_identity,
+            columns,
+            ..
+        } => {
+            applier
+                .relation(*oid, namespace, name, *replica_identity, columns)
+                .map_err(apply_error)?;
+        }
+        Message::Insert { relation, new, .. } => {
+            if !skip(applier, open, *relation) {
+                applier.insert(*relation, new).map_err(apply_error)?;
+            }
+        }
+        Message::Update {
+            relation,
+            old,
+            key,
+            new,
+            ..
+        } => {
+            if !skip(applier, open, *relation) {
+                applier
+                    .update(*relation, old.as_ref(), key.as_ref(), new)
+                    .map_err(apply_error)?;
+            }
+        }
+        Message::Delete {
+            relation, old, key, ..
+        } => {
+            if !skip(applier, open, *relation) {
+                applier
+                    .delete(*relation, old.as_ref(), key.as_ref())
+                    .map_err(apply_error)?;
+            }
+        }
+        Message::Truncate {
+            relations,
+            cascade,
+            restart_identity,
+            ..
+        } => {
+            let relations: Vec<u32> = relations
+                .iter()
+                .copied()
+                .filter(|oid| !skip(applier, open, *oid))
+                .collect();
+            applier
+                .truncate(&relations, *cascade, *restart_identity)
+                .map_err(apply_error)?;
+        }
+        Message::Message { prefix, lsn, .. } if prefix == MESSAGE_PREFIX => {
+            update_slot(index, |slot| {
+                slot.fence_seen_lsn = slot.fence_seen_lsn.max(lsn.0)
+            });
+        }
+        Message::StreamStart { .. }
+        | Message::StreamCommit { .. }
+        | Message::StreamAbort { .. } => {
+            return Err(Failure::new("streamed transactions were not requested"));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A change to a table whose copy already contains it (resumed copy).
+fn skip(applier: &Applier, open: &Option<OpenTransaction>, relation: u32) -> bool {
+    open.as_ref()
+        .is_some_and(|t| applier.already_copied(relation, t.final_lsn))
+}

@@ -1,0 +1,577 @@
+//! The task worker after the copy: it runs one apply worker per database
+//! (see [`super::apply`]), follows the source's WAL position to measure lag,
+//! moves the task from `catchup` to `incremental` once every database caught
+//! up, and carries out `cloudmig.switchover()`:
+//!
+//! 1. refuse unless the lag is under the limit;
+//! 2. fence the source: every migrated database gets
+//!    `default_transaction_read_only = on` and the other sessions are
+//!    terminated (but exempted users), so no new write can start;
+//! 3. write a logical message in each database (its LSN is the final
+//!    position there) and wait until each apply worker has applied up to it;
+//! 4. set the sequences, copy the large objects again, refresh materialized
+//!    views;
+//! 5. stop the apply, drop the slots and publications on the source, mark
+//!    the task completed with the downtime and each step's duration.
+//!
+//! Any failure after the fence undoes it (the source is writable again) and
+//! the task returns to `incremental`.
+
+use super::apply::{self, ApplyStart, MESSAGE_PREFIX};
+use super::jobs::{Job, Stop};
+use super::shared::{ApplySlot, JobKind, SwitchoverState, APPLY, MAX_JOB_SLOTS, TASK};
+use super::task::Runner;
+use super::txn::{self, Failure};
+use crate::catalog::tasks::{self, Phase, TaskDatabase};
+use crate::source::{quote_ident, quote_literal, Connection, Lsn, SourceError};
+use pgrx::bgworkers::{BackgroundWorkerStatus, DynamicBackgroundWorker};
+use pgrx::prelude::*;
+use std::time::{Duration, Instant};
+
+/// Lag under which a catching-up task is considered caught up.
+const CAUGHT_UP_BYTES: u64 = 1024 * 1024;
+
+/// A switchover request as the worker reads it.
+struct Request {
+    max_lag_bytes: u64,
+    timeout: Duration,
+    terminate_sessions: bool,
+    exempt_users: Vec<String>,
+}
+
+/// Step durations of a completed switchover.
+#[derive(Default)]
+struct Report {
+    fence_ms: i64,
+    drain_ms: i64,
+    objects_ms: i64,
+    cleanup_ms: i64,
+    downtime_ms: i64,
+    final_lsn: Lsn,
+}
+
+fn millis(since: Instant) -> i64 {
+    since.elapsed().as_millis() as i64
+}
+
+/// Bytes of source WAL not yet applied here (idle databases count as
+/// applied up to what the source said it sent).
+pub fn lag_of(slot: &ApplySlot) -> u64 {
+    slot.source_lsn.saturating_sub(slot.applied_lsn)
+}
+
+impl Runner {
+    /// Writes what each apply worker needs: its slot, publication, origin,
+    /// and the tables copied at a later snapshot than the slot's start.
+    pub(super) fn prepare_apply(&self) -> Result<(), Stop> {
+        let task_id = self.task.id;
+        for (ordinal, database) in self.databases()?.into_iter().enumerate() {
+            let datname = database.datname.clone();
+            let later: Vec<(String, String)> = txn::spi(|| {
+                Spi::connect(|client| {
+                    client
+                        .select(
+                            "SELECT t.schema_name || '.' || t.table_name, t.sync_lsn::text \
+                               FROM cloudmig.table_copy t JOIN cloudmig.task_database d USING (task_id, datname) \
+                              WHERE t.task_id = $1 AND t.datname = $2 AND t.sync_lsn > d.consistent_lsn",
+                            None,
+                            &[task_id.into(), datname.as_str().into()],
+                        )?
+                        .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<String>(2)?.unwrap_or_default())))
+                        .collect()
+                })
+            })?;
+            let sync_file = self.work_dir.join(format!("sync-{ordinal}.tsv"));
+            let lines: String = later
+                .iter()
+                .map(|(table, lsn)| format!("{table}\t{lsn}\n"))
+                .collect();
+            std::fs::write(&sync_file, lines).map_err(|e| {
+                Stop::Failed(Failure::new(format!(
+                    "could not write {}: {e}",
+                    sync_file.display()
+                )))
+            })?;
+            let start = ApplyStart {
+                slot_name: database.slot_name.clone(),
+                publication: tasks::publication_name(task_id),
+                origin_name: apply::origin_name(task_id, ordinal),
+                sync_file: sync_file.display().to_string(),
+            };
+            apply::write_start_file(task_id, ordinal, &start).map_err(|e| {
+                Stop::Failed(Failure::new(format!(
+                    "could not write the apply parameters: {e}"
+                )))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn start_apply(&self, index: usize, database: &str) -> Result<DynamicBackgroundWorker, Stop> {
+        apply::start_worker(index, database).map_err(Stop::Failed)
+    }
+
+    /// Runs the apply until a switchover completes, or a stop.
+    pub(super) fn follow(&mut self) -> Result<(), Stop> {
+        let databases = self.databases()?;
+        if databases.len() > MAX_JOB_SLOTS {
+            return Err(Stop::Failed(Failure::new(format!(
+                "a task streams at most {MAX_JOB_SLOTS} databases at once"
+            ))));
+        }
+        {
+            let mut slots = APPLY.exclusive();
+            for (index, slot) in slots.iter_mut().enumerate() {
+                *slot = ApplySlot::default();
+                if let Some(database) = databases.get(index) {
+                    slot.task_id = self.task.id;
+                    slot.database.set(&database.datname);
+                    slot.start_lsn = database
+                        .consistent_lsn
+                        .as_deref()
+                        .and_then(|lsn| lsn.parse::<Lsn>().ok())
+                        .map(|lsn| lsn.0)
+                        .unwrap_or(0);
+                }
+            }
+        }
+        if self.task.phase == Phase::SwitchingOver {
+            // The worker died mid-switchover: make the source writable again.
+            self.unfence(&databases);
+            self.set_phase(
+                Phase::Incremental,
+                "switchover interrupted; the source is writable again",
+            )?;
+        }
+        let mut workers: Vec<Option<DynamicBackgroundWorker>> = Vec::new();
+        for (index, database) in databases.iter().enumerate() {
+            workers.push(Some(self.start_apply(index, &database.datname)?));
+        }
+        let outcome = self.follow_loop(&databases, &mut workers);
+        for worker in workers.into_iter().flatten() {
+            let _ = worker.terminate().wait_for_shutdown();
+        }
+        outcome
+    }
+
+    fn follow_loop(
+        &mut self,
+        databases: &[TaskDatabase],
+        workers: &mut [Option<DynamicBackgroundWorker>],
+    ) -> Result<(), Stop> {
+        let first = databases
+            .first()
+            .map(|d| d.datname.clone())
+            .unwrap_or_else(|| "postgres".into());
+        let mut source: Option<Connection> = None;
+        let mut last_poll = Instant::now() - Duration::from_secs(10);
+        loop {
+            self.check()?;
+            if last_poll.elapsed() >= Duration::from_secs(1) {
+                last_poll = Instant::now();
+                if source.is_none() {
+                    source = self.connect(&first, false).ok();
+                }
+                let position = source
+                    .as_mut()
+                    .map(|c| c.simple_query("SELECT pg_catalog.pg_current_wal_lsn()::text AS lsn"));
+                match position {
+                    Some(Ok(rows)) => {
+                        if let Some(lsn) = rows
+                            .first()
+                            .and_then(|r| r.get("lsn"))
+                            .and_then(|l| l.parse::<Lsn>().ok())
+                        {
+                            let mut slots = APPLY.exclusive();
+                            for slot in slots.iter_mut().take(databases.len()) {
+                                slot.source_lsn = lsn.0;
+                            }
+                        }
+                    }
+                    Some(Err(_)) => source = None,
+                    None => {}
+                }
+            }
+            // A stopped apply worker: its error fails the task, else restart it.
+            for (index, worker) in workers.iter_mut().enumerate() {
+                let stopped = worker.as_ref().is_none_or(|w| {
+                    matches!(
+                        w.pid(),
+                        Err(BackgroundWorkerStatus::Stopped
+                            | BackgroundWorkerStatus::PostmasterDied)
+                    )
+                });
+                if !stopped {
+                    continue;
+                }
+                let (error, hint) = {
+                    let slots = APPLY.share();
+                    (slots[index].error.get(), slots[index].error_hint.get())
+                };
+                if !error.is_empty() {
+                    let mut failure =
+                        Failure::new(format!("database {}: {error}", databases[index].datname));
+                    failure.hint = (!hint.is_empty()).then_some(hint);
+                    failure.transient =
+                        error.contains("replication stream") || error.contains("connect");
+                    return Err(Stop::Failed(failure));
+                }
+                *worker = Some(self.start_apply(index, &databases[index].datname)?);
+            }
+            if self.task.phase == Phase::Catchup {
+                let caught_up = APPLY
+                    .share()
+                    .iter()
+                    .take(databases.len())
+                    .all(|slot| slot.source_lsn > 0 && lag_of(slot) < CAUGHT_UP_BYTES);
+                if caught_up {
+                    self.set_phase(
+                        Phase::Incremental,
+                        "every database caught up; switchover is possible",
+                    )?;
+                }
+            }
+            if let Some(request) = take_request(self.task.id) {
+                match self.switchover(databases, workers, &request) {
+                    Ok(report) => {
+                        publish_outcome(Ok(&report));
+                        return Ok(());
+                    }
+                    Err(failure) => {
+                        publish_outcome(Err(&failure));
+                        if self.task.phase == Phase::SwitchingOver {
+                            self.set_phase(
+                                Phase::Incremental,
+                                &format!("switchover abandoned: {}", failure.message),
+                            )?;
+                        }
+                    }
+                }
+            }
+            txn::nap(Duration::from_millis(200));
+        }
+    }
+
+    fn source_statement(
+        &self,
+        database: &str,
+        sql: &str,
+    ) -> Result<Vec<crate::source::Row>, Failure> {
+        let mut connection = self.connect(database, false).map_err(|stop| match stop {
+            Stop::Failed(failure) => failure,
+            _ => Failure::new("stopped"),
+        })?;
+        let rows = connection.simple_query(sql).map_err(|e: SourceError| {
+            Failure::from_source(&format!("on source database {database}"), &e)
+        });
+        connection.close();
+        rows
+    }
+
+    /// Makes every migrated database of the source read-only for new
+    /// transactions and ends the sessions that could still write.
+    fn fence(&self, databases: &[TaskDatabase], request: &Request) -> Result<(), Failure> {
+        let first = &databases[0].datname;
+        let mut sql = String::new();
+        for database in databases {
+            sql.push_str(&format!(
+                "ALTER DATABASE {} SET default_transaction_read_only = on; ",
+                quote_ident(&database.datname)
+            ));
+        }
+        self.source_statement(first, &sql).map_err(|mut failure| {
+            failure.hint = Some(
+                "the migration account must own the databases or be a superuser to fence them"
+                    .into(),
+            );
+            failure
+        })?;
+        if request.terminate_sessions {
+            let names: Vec<String> = databases
+                .iter()
+                .map(|d| quote_literal(&d.datname))
+                .collect();
+            let exempt: Vec<String> = request
+                .exempt_users
+                .iter()
+                .map(|u| quote_literal(u))
+                .collect();
+            let exempt_clause = if exempt.is_empty() {
+                String::new()
+            } else {
+                format!(" AND usename NOT IN ({})", exempt.join(", "))
+            };
+            self.source_statement(
+                first,
+                &format!(
+                    "SELECT count(pg_catalog.pg_terminate_backend(pid)) AS ended FROM pg_catalog.pg_stat_activity \
+                      WHERE datname IN ({}) AND pid <> pg_catalog.pg_backend_pid() \
+                        AND backend_type = 'client backend' AND usename <> current_user{exempt_clause}",
+                    names.join(", ")
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Runner::fence`]; best effort, says what it could not undo.
+    fn unfence(&self, databases: &[TaskDatabase]) {
+        let Some(first) = databases.first() else {
+            return;
+        };
+        let sql: String = databases
+            .iter()
+            .map(|d| {
+                format!(
+                    "ALTER DATABASE {} RESET default_transaction_read_only; ",
+                    quote_ident(&d.datname)
+                )
+            })
+            .collect();
+        if let Err(failure) = self.source_statement(&first.datname, &sql) {
+            let _ = self.event(
+                None,
+                "error",
+                &format!("could not make the source writable again ({failure}): run ALTER DATABASE ... RESET default_transaction_read_only on the source"),
+            );
+        }
+    }
+
+    fn switchover(
+        &mut self,
+        databases: &[TaskDatabase],
+        workers: &mut [Option<DynamicBackgroundWorker>],
+        request: &Request,
+    ) -> Result<Report, Failure> {
+        if self.task.phase != Phase::Incremental {
+            return Err(Failure::with_hint(
+                format!(
+                    "task {} is in {}, not incremental",
+                    self.task.id, self.task.phase
+                ),
+                "wait until cloudmig.tasks shows phase incremental",
+            ));
+        }
+        let lag = APPLY
+            .share()
+            .iter()
+            .take(databases.len())
+            .map(lag_of)
+            .max()
+            .unwrap_or(0);
+        if lag > request.max_lag_bytes {
+            return Err(Failure::with_hint(
+                format!(
+                    "the lag is {lag} bytes, over the limit of {}",
+                    request.max_lag_bytes
+                ),
+                "wait until the apply catches up, or raise max_lag_bytes",
+            ));
+        }
+        self.set_phase(Phase::SwitchingOver, "")
+            .map_err(stop_failure)?;
+        let started = Instant::now();
+        if let Err(failure) = self.fence(databases, request) {
+            self.unfence(databases);
+            return Err(failure);
+        }
+        let fence_ms = millis(started);
+        match self.drain_and_finish(databases, workers, request, started) {
+            Ok(mut report) => {
+                report.fence_ms = fence_ms;
+                Ok(report)
+            }
+            Err(failure) => {
+                self.unfence(databases);
+                Err(failure)
+            }
+        }
+    }
+
+    fn drain_and_finish(
+        &mut self,
+        databases: &[TaskDatabase],
+        workers: &mut [Option<DynamicBackgroundWorker>],
+        request: &Request,
+        started: Instant,
+    ) -> Result<Report, Failure> {
+        let deadline = started + request.timeout;
+        // The final position of each database: a marker written after the fence.
+        let drain_started = Instant::now();
+        let mut markers = Vec::new();
+        for database in databases {
+            let rows = self.source_statement(
+                &database.datname,
+                &format!(
+                    "SELECT pg_catalog.pg_logical_emit_message(false, {}, 'switchover')::text AS lsn",
+                    quote_literal(MESSAGE_PREFIX)
+                ),
+            )?;
+            let lsn = rows
+                .first()
+                .and_then(|r| r.get("lsn"))
+                .and_then(|l| l.parse::<Lsn>().ok())
+                .ok_or_else(|| {
+                    Failure::new("the source returned no LSN for the switchover marker")
+                })?;
+            markers.push(lsn);
+        }
+        loop {
+            if Instant::now() > deadline {
+                return Err(Failure::with_hint(
+                    "the apply did not reach the source's final position in time",
+                    "raise the switchover timeout, or check cloudmig.apply_progress",
+                ));
+            }
+            if let Some(Stop::Cancelled | Stop::Shutdown) = self.should_stop() {
+                return Err(Failure::new("the task worker is stopping"));
+            }
+            let slots = APPLY.share();
+            let drained = markers
+                .iter()
+                .enumerate()
+                .all(|(i, marker)| slots[i].fence_seen_lsn >= marker.0);
+            let failed = slots
+                .iter()
+                .take(databases.len())
+                .find(|s| !s.error.get().is_empty())
+                .map(|s| s.error.get());
+            drop(slots);
+            if let Some(error) = failed {
+                return Err(Failure::new(format!("the apply stopped: {error}")));
+            }
+            if drained {
+                break;
+            }
+            txn::nap(Duration::from_millis(20));
+        }
+        // The apply commits asynchronously: make everything durable now.
+        // SAFETY: flushes this instance's WAL up to its current insert position.
+        unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
+        let drain_ms = millis(drain_started);
+
+        let objects_started = Instant::now();
+        for database in databases {
+            let jobs = vec![
+                Job {
+                    kind: JobKind::CopySequences,
+                    ..Job::default()
+                },
+                Job {
+                    kind: JobKind::CopyLargeObjects,
+                    ..Job::default()
+                },
+                Job {
+                    kind: JobKind::RefreshMaterializedViews,
+                    ..Job::default()
+                },
+            ];
+            self.run_jobs(&database.datname, jobs, 1, &mut |_| Ok(()), &mut |_, _| {
+                Ok(())
+            })
+            .map_err(stop_failure)?;
+        }
+        let objects_ms = millis(objects_started);
+
+        let cleanup_started = Instant::now();
+        for worker in workers.iter_mut() {
+            if let Some(worker) = worker.take() {
+                let _ = worker.terminate().wait_for_shutdown();
+            }
+        }
+        let names: Vec<String> = databases.iter().map(|d| d.datname.clone()).collect();
+        // The walsenders of the stopped apply workers release the slots a moment later.
+        let mut problems = Vec::new();
+        for _ in 0..50 {
+            problems = super::cleanup::drop_source_objects(
+                &self.info,
+                self.task.id,
+                &names,
+                txn::interrupt_check,
+            );
+            if problems.is_empty() {
+                break;
+            }
+            txn::nap(Duration::from_millis(100));
+        }
+        for problem in &problems {
+            self.event(
+                None,
+                "warning",
+                &format!("{problem}; drop it on the source by hand"),
+            )
+            .map_err(stop_failure)?;
+        }
+        let cleanup_ms = millis(cleanup_started);
+        let report = Report {
+            fence_ms: 0,
+            drain_ms,
+            objects_ms,
+            cleanup_ms,
+            downtime_ms: millis(started),
+            final_lsn: markers.iter().copied().max().unwrap_or_default(),
+        };
+        let message = format!(
+            "downtime {} ms (fence, drain {} ms, sequences and large objects {} ms, cleanup {} ms); \
+             final source LSN {}; the source databases stay read-only",
+            report.downtime_ms, report.drain_ms, report.objects_ms, report.cleanup_ms, report.final_lsn
+        );
+        self.set_phase(Phase::Completed, &message)
+            .map_err(stop_failure)?;
+        Ok(report)
+    }
+}
+
+fn stop_failure(stop: Stop) -> Failure {
+    match stop {
+        Stop::Failed(failure) => failure,
+        Stop::Cancelled => Failure::new("the task was cancelled"),
+        Stop::Shutdown => Failure::new("the server is shutting down"),
+    }
+}
+
+/// Takes a pending switchover request for `task_id`, marking it running.
+fn take_request(task_id: i64) -> Option<Request> {
+    let mut task = TASK.exclusive();
+    let exchange = &mut task.switchover;
+    if exchange.state != SwitchoverState::Requested || exchange.task_id != task_id {
+        return None;
+    }
+    exchange.state = SwitchoverState::Running;
+    Some(Request {
+        max_lag_bytes: exchange.max_lag_bytes.max(0) as u64,
+        timeout: Duration::from_millis(exchange.timeout_ms.max(0) as u64),
+        terminate_sessions: exchange.terminate_sessions,
+        exempt_users: exchange
+            .exempt_users
+            .get()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+fn publish_outcome(outcome: Result<&Report, &Failure>) {
+    // The waiting backend polls the exchange every few milliseconds.
+    let mut task = TASK.exclusive();
+    let exchange = &mut task.switchover;
+    match outcome {
+        Ok(report) => {
+            exchange.state = SwitchoverState::Done;
+            exchange.downtime_ms = report.downtime_ms;
+            exchange.fence_ms = report.fence_ms;
+            exchange.drain_ms = report.drain_ms;
+            exchange.objects_ms = report.objects_ms;
+            exchange.cleanup_ms = report.cleanup_ms;
+            exchange.final_lsn = report.final_lsn.0;
+            exchange.message.set("");
+        }
+        Err(failure) => {
+            exchange.state = SwitchoverState::Failed;
+            exchange.message.set(&failure.message);
+            exchange.hint.set(failure.hint.as_deref().unwrap_or(""));
+        }
+    }
+}

@@ -33,9 +33,15 @@ const APP_SQL: &str = "
 fn start_task(dest: &Cluster, source: &Cluster) -> i64 {
     let mut client = dest.client("postgres");
     let conninfo = source.tcp_conninfo("postgres", None, "postgres");
-    let assessment: i64 = client.query_one("SELECT cloudmig.assess($1)", &[&conninfo]).unwrap().get(0);
+    let assessment: i64 = client
+        .query_one("SELECT cloudmig.assess($1)", &[&conninfo])
+        .unwrap()
+        .get(0);
     client
-        .query_one("SELECT cloudmig.start($1, '{\"replica_identity_full\": true}')", &[&assessment])
+        .query_one(
+            "SELECT cloudmig.start($1, '{\"replica_identity_full\": true}')",
+            &[&assessment],
+        )
         .unwrap_or_else(|e| panic!("start: {e:?}"))
         .get(0)
 }
@@ -43,7 +49,10 @@ fn start_task(dest: &Cluster, source: &Cluster) -> i64 {
 fn wait(dest: &Cluster, task: i64, phase: &str) {
     let reached: String = dest
         .client("postgres")
-        .query_one("SELECT cloudmig.wait($1, $2, '3 minutes')", &[&task, &phase])
+        .query_one(
+            "SELECT cloudmig.wait($1, $2, '3 minutes')",
+            &[&task, &phase],
+        )
         .unwrap_or_else(|e| panic!("wait {phase}: {e:?}\n{}", dest.log_tail(30)))
         .get(0);
     assert_eq!(reached, phase, "{}", events(dest, task));
@@ -51,8 +60,16 @@ fn wait(dest: &Cluster, task: i64, phase: &str) {
 
 fn events(dest: &Cluster, task: i64) -> String {
     dest.client("postgres")
-        .query("SELECT kind || ': ' || message FROM cloudmig.events WHERE task_id = $1 ORDER BY id", &[&task])
-        .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n"))
+        .query(
+            "SELECT kind || ': ' || message FROM cloudmig.events WHERE task_id = $1 ORDER BY id",
+            &[&task],
+        )
+        .map(|rows| {
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
         .unwrap_or_default()
 }
 
@@ -91,8 +108,14 @@ fn changes_of_every_kind_are_applied_once_and_switchover_completes() {
     // An unchanged TOASTed value keeps its value here.
     source.execute("app", "UPDATE items SET name = 'toast kept' WHERE id = 21");
     // A big transaction, a rolled-back one and a rolled-back savepoint.
-    source.execute("app", "INSERT INTO items (name) SELECT 'bulk ' || i FROM generate_series(1, 200000) i");
-    source.execute("app", "BEGIN; INSERT INTO items (name) VALUES ('never'); ROLLBACK;");
+    source.execute(
+        "app",
+        "INSERT INTO items (name) SELECT 'bulk ' || i FROM generate_series(1, 200000) i",
+    );
+    source.execute(
+        "app",
+        "BEGIN; INSERT INTO items (name) VALUES ('never'); ROLLBACK;",
+    );
     source.execute(
         "app",
         "BEGIN; INSERT INTO items (name) VALUES ('kept');
@@ -104,26 +127,46 @@ fn changes_of_every_kind_are_applied_once_and_switchover_completes() {
 
     for table in ["items", "events", "audit", "measures_a", "measures_b"] {
         let sql = format!("SELECT count(*)::text || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {table} t");
-        let (on_source, here): (String, String) = (source.query_scalar("app", &sql), dest.query_scalar("app", &sql));
+        let (on_source, here): (String, String) = (
+            source.query_scalar("app", &sql),
+            dest.query_scalar("app", &sql),
+        );
         assert_eq!(on_source, here, "{table} differs");
     }
     let toast: String = dest.query_scalar("app", "SELECT md5(big) FROM items WHERE id = 21");
-    assert_eq!(toast, source.query_scalar::<String>("app", "SELECT md5(big) FROM items WHERE id = 21"));
+    assert_eq!(
+        toast,
+        source.query_scalar::<String>("app", "SELECT md5(big) FROM items WHERE id = 21")
+    );
     // Triggers fired once, on the source only: the audit rows came as data.
-    assert_eq!(dest.query_scalar::<i64>("app", "SELECT count(*) FROM audit"), 0);
+    assert_eq!(
+        dest.query_scalar::<i64>("app", "SELECT count(*) FROM audit"),
+        0
+    );
 
     // Switchover: writes stop on the source, the rest arrives, downtime is reported.
     let row = dest
         .client("postgres")
-        .query_one("SELECT downtime_ms, final_lsn FROM cloudmig.switchover($1)", &[&task])
+        .query_one(
+            "SELECT downtime_ms, final_lsn FROM cloudmig.switchover($1)",
+            &[&task],
+        )
         .unwrap_or_else(|e| panic!("switchover: {e:?}\n{}", events(&dest, task)));
     let downtime: i64 = row.get(0);
     assert!(downtime >= 0);
     wait(&dest, task, "completed");
     // The source refuses writes now, and keeps no slot or publication of ours.
-    let refused = source.client("app").batch_execute("INSERT INTO items (name) VALUES ('late')");
+    let refused = source
+        .client("app")
+        .batch_execute("INSERT INTO items (name) VALUES ('late')");
     assert!(refused.is_err(), "the source still accepts writes");
-    poll_until(&source, "postgres", "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'cloudmig%'", "0", TIMEOUT);
+    poll_until(
+        &source,
+        "postgres",
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'cloudmig%'",
+        "0",
+        TIMEOUT,
+    );
     assert_same_data(&source, &dest, "app");
     assert_same_sequences(&source, &dest, "app");
 }

@@ -65,6 +65,9 @@ impl Relation {
     }
 }
 
+/// Identity columns and their values (None for NULL) naming one row.
+type Identity<'r, 't> = (Vec<&'r LocalColumn>, Vec<Option<&'t [u8]>>);
+
 /// The per-database applier.
 #[derive(Default)]
 pub struct Applier {
@@ -200,7 +203,7 @@ impl Applier {
         old: Option<&'t Tuple>,
         new: Option<&'t Tuple>,
         what: &'static str,
-    ) -> Result<(Vec<&'r LocalColumn>, Vec<Option<&'t [u8]>>), ApplyError> {
+    ) -> Result<Identity<'r, 't>, ApplyError> {
         let tuple = old.or(new).ok_or_else(|| ApplyError::NoIdentity {
             table: relation.name(),
             what,

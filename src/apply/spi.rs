@@ -36,7 +36,7 @@ fn to_server(utf8: &[u8]) -> Vec<u8> {
         let input = utf8.as_ptr() as *const std::ffi::c_char;
         let converted =
             pg_sys::pg_any_to_server(input, utf8.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
-        if converted as *const _ == input {
+        if std::ptr::eq(converted, input) {
             utf8.to_vec()
         } else {
             CStr::from_ptr(converted).to_bytes().to_vec()
@@ -51,7 +51,7 @@ fn to_utf8(server: &CStr) -> String {
         let input = bytes.as_ptr() as *const std::ffi::c_char;
         let converted =
             pg_sys::pg_server_to_any(input, bytes.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
-        if converted as *const _ == input {
+        if std::ptr::eq(converted, input) {
             String::from_utf8_lossy(bytes).into_owned()
         } else {
             CStr::from_ptr(converted).to_string_lossy().into_owned()

@@ -385,8 +385,9 @@ fn handle(
             end_lsn,
             commit_time,
             ..
-        } => {
-            if open.take().is_some() {
+        } if open.is_some() => {
+            {
+                *open = None;
                 spi::finish();
                 // SAFETY: the origin's progress is set for this commit, as
                 // worker.c does before CommitTransactionCommand.
@@ -416,10 +417,8 @@ fn handle(
                 .relation(*oid, namespace, name, *replica_identity, columns)
                 .map_err(apply_error)?;
         }
-        Message::Insert { relation, new, .. } => {
-            if !skip(applier, open, *relation) {
-                applier.insert(*relation, new).map_err(apply_error)?;
-            }
+        Message::Insert { relation, new, .. } if !skip(applier, open, *relation) => {
+            applier.insert(*relation, new).map_err(apply_error)?;
         }
         Message::Update {
             relation,
@@ -427,21 +426,17 @@ fn handle(
             key,
             new,
             ..
-        } => {
-            if !skip(applier, open, *relation) {
-                applier
-                    .update(*relation, old.as_ref(), key.as_ref(), new)
-                    .map_err(apply_error)?;
-            }
+        } if !skip(applier, open, *relation) => {
+            applier
+                .update(*relation, old.as_ref(), key.as_ref(), new)
+                .map_err(apply_error)?;
         }
         Message::Delete {
             relation, old, key, ..
-        } => {
-            if !skip(applier, open, *relation) {
-                applier
-                    .delete(*relation, old.as_ref(), key.as_ref())
-                    .map_err(apply_error)?;
-            }
+        } if !skip(applier, open, *relation) => {
+            applier
+                .delete(*relation, old.as_ref(), key.as_ref())
+                .map_err(apply_error)?;
         }
         Message::Truncate {
             relations,

@@ -102,6 +102,10 @@ pub fn schema_dump(cluster: &Cluster, db: &str) -> String {
     dump.args([
         "--schema-only",
         "--encoding=UTF8",
+        // Publications and subscriptions describe a topology, not data: cloudmig
+        // does not copy them, and creates one of its own on the source.
+        "--no-publications",
+        "--no-subscriptions",
         &format!("--exclude-schema={EXTENSION_SCHEMA}"),
         "-d",
         db,

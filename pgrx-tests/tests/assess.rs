@@ -30,6 +30,12 @@ fn prepared_source(name: &str) -> ClusterBuilder {
         .conf("max_slot_wal_keep_size = '1GB'")
         .init_sql(MIGRATOR_SQL)
         .init_sql("CREATE DATABASE app")
+        // A non-superuser streams what it can publish: tables of owners it
+        // has the privileges of, in databases where it may create.
+        .init_sql(
+            "CREATE ROLE app_owner NOLOGIN; GRANT app_owner TO migrator; \
+             GRANT CREATE ON DATABASE postgres, app TO migrator",
+        )
 }
 
 fn destination(name: &str) -> Cluster {
@@ -101,7 +107,10 @@ fn sqlstate(result: Result<Vec<postgres::Row>, postgres::Error>) -> String {
 #[test]
 fn a_prepared_source_passes_every_check() {
     let source = prepared_source("ok-src")
-        .init_sql("CREATE TABLE public.items (id int PRIMARY KEY, name text)")
+        .init_sql(
+            "CREATE TABLE public.items (id int PRIMARY KEY, name text); \
+             ALTER TABLE public.items OWNER TO app_owner",
+        )
         .start();
     let dest = destination("ok-dst");
     let id = assess(
@@ -119,9 +128,14 @@ fn a_prepared_source_passes_every_check() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    // Only the superuser-only password read is left for a non-superuser.
+    // Left for a non-superuser: the superuser-only password read,
     let names: Vec<&str> = not_passing.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, vec!["source_role_passwords"], "{not_passing:#?}");
+    // and the fence at switchover, which needs the owner of `postgres` (a superuser).
+    assert_eq!(
+        names,
+        vec!["source_role_passwords", "source_switchover_fence"],
+        "{not_passing:#?}"
+    );
     assert!(passed(&dest, id));
     let databases: Vec<String> = dest.query_scalar(
         "postgres",
@@ -453,6 +467,7 @@ fn things_that_need_a_plan_warn() {
         .conf("max_prepared_transactions = 2")
         .init_sql(
             "CREATE TABLE public.no_key (a int);
+             ALTER TABLE public.no_key OWNER TO app_owner;
              CREATE UNLOGGED TABLE public.scratch (id int PRIMARY KEY);
              SELECT lo_create(4242);",
         )

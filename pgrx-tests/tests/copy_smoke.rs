@@ -16,7 +16,7 @@ fn start_and_wait(dest: &Cluster, conninfo: &str) -> i64 {
         .get(0);
     let reached: String = client
         .query_one(
-            "SELECT cloudmig.wait($1, 'copy_complete', '3 minutes')",
+            "SELECT cloudmig.wait($1, 'incremental', '3 minutes')",
             &[&task],
         )
         .unwrap_or_else(|e| {
@@ -35,7 +35,7 @@ fn start_and_wait(dest: &Cluster, conninfo: &str) -> i64 {
             )
         })
         .get(0);
-    assert_eq!(reached, "copy_complete");
+    assert_eq!(reached, "incremental");
     task
 }
 
@@ -54,7 +54,7 @@ fn a_small_instance_is_copied() {
     );
     source.execute(
         "postgres",
-        "CREATE TABLE notes (body text); INSERT INTO notes VALUES ('hello')",
+        "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'hello')",
     );
     let dest = ClusterBuilder::destination("smoke-dst").start();
     let task = start_and_wait(&dest, &source.tcp_conninfo("postgres", None, "postgres"));

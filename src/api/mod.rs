@@ -101,7 +101,7 @@ SELECT k.id AS task_id, k.assessment_id, k.source, k.phase, k.phase_since,
   LEFT JOIN per_table p ON p.task_id = k.id
   LEFT JOIN per_database d ON d.task_id = k.id
   LEFT JOIN (SELECT task_id, max(lag_bytes) AS lag_bytes, max(lag_seconds) AS lag_seconds,
-                    sum(transactions) AS transactions_applied
+                    sum(transactions)::bigint AS transactions_applied
                FROM cloudmig.apply_status() GROUP BY task_id) a ON a.task_id = k.id;
 COMMENT ON VIEW cloudmig.tasks IS 'one row per migration task: phase, progress, rate, ETA, last error';
 

@@ -70,6 +70,8 @@ pub fn evaluate(survey: &SourceSurvey, dest: &DestinationFacts, limits: Limits) 
             checks.push(output_plugin(source));
             checks.push(slot_wal_keep_size(source));
             checks.push(replication_connection(source));
+            checks.push(publication_rights(source));
+            checks.push(switchover_fence(source));
             checks.push(no_concurrent_migration(source, dest));
             checks.push(extensions_available(source, dest));
             checks.push(encodings_and_locales(source, dest));
@@ -780,6 +782,96 @@ fn replication_connection(source: &SourceFacts) -> CheckResult {
     }
 }
 
+fn publication_rights(source: &SourceFacts) -> CheckResult {
+    let name = "source_publication_rights";
+    if source.account.superuser {
+        return CheckResult::pass(name, "a superuser account publishes FOR ALL TABLES");
+    }
+    let no_create: Vec<String> = source
+        .databases
+        .iter()
+        .filter(|d| d.contents.as_ref().is_ok_and(|c| !c.can_create))
+        .map(|d| d.name.clone())
+        .collect();
+    let tables = per_database(source, |d| {
+        d.contents
+            .as_ref()
+            .map(|c| c.unpublishable.clone())
+            .unwrap_or_default()
+    });
+    if no_create.is_empty() && tables.is_empty() {
+        return CheckResult::pass(
+            name,
+            format!(
+                "{} can publish every table it migrates",
+                source.account.name
+            ),
+        );
+    }
+    let mut problems = Vec::new();
+    if !no_create.is_empty() {
+        problems.push(format!(
+            "no CREATE privilege on {}",
+            name_list(&no_create, LIST_LIMIT)
+        ));
+    }
+    if !tables.is_empty() {
+        problems.push(format!(
+            "{} table(s) of owners whose privileges it lacks: {}",
+            tables.len(),
+            name_list(&tables, LIST_LIMIT)
+        ));
+    }
+    let account = display_ident(&source.account.name);
+    CheckResult::fail(
+        name,
+        format!(
+            "{} is not a superuser, and streaming changes needs a publication of every table: {}",
+            source.account.name,
+            problems.join("; ")
+        ),
+        format!(
+            "on the source: GRANT CREATE ON DATABASE <each database> TO {account}; and GRANT <each \
+             table owner> TO {account} (CREATEROLE allows it for non-superuser owners); or migrate \
+             with a superuser account"
+        ),
+    )
+}
+
+fn switchover_fence(source: &SourceFacts) -> CheckResult {
+    let name = "source_switchover_fence";
+    if source.account.superuser {
+        return CheckResult::pass(
+            name,
+            "a superuser account can make the source read-only at switchover",
+        );
+    }
+    let not_owned: Vec<String> = source
+        .databases
+        .iter()
+        .filter(|d| !d.owned)
+        .map(|d| d.name.clone())
+        .collect();
+    if not_owned.is_empty() {
+        CheckResult::pass(
+            name,
+            "the account owns every database it would make read-only at switchover",
+        )
+    } else {
+        CheckResult::warn(
+            name,
+            format!(
+                "switchover makes each migrated database read-only (ALTER DATABASE), which needs \
+                 its owner's privileges; {} lacks them for {}",
+                source.account.name,
+                name_list(&not_owned, LIST_LIMIT)
+            ),
+            "run the switchover with a superuser migration account (assess and start again with \
+             it), or GRANT each database owner to the account before the switchover",
+        )
+    }
+}
+
 fn no_concurrent_migration(source: &SourceFacts, dest: &DestinationFacts) -> CheckResult {
     let name = "no_concurrent_migration";
     let slots: Vec<String> = source
@@ -1138,9 +1230,11 @@ mod tests {
             locale_provider: "c".into(),
             icu_locale: None,
             can_connect: true,
+            owned: true,
             size_bytes: Some(GB as i64),
             contents: Ok(DatabaseContents {
                 extensions: vec![("plpgsql".into(), "1.0".into())],
+                can_create: true,
                 ..Default::default()
             }),
         }
@@ -1426,6 +1520,44 @@ mod tests {
         assert!(check(&report, "server_version")
             .detail
             .contains("10 or later"));
+    }
+
+    #[test]
+    fn a_non_superuser_must_be_able_to_publish_every_table() {
+        let mut source = healthy_source();
+        if let Ok(contents) = &mut source.databases[1].contents {
+            contents.can_create = false;
+            contents
+                .unpublishable
+                .push("public.t (owner postgres)".into());
+        }
+        let report = judge(source, &empty_destination());
+        let c = check(&report, "source_publication_rights");
+        assert_eq!(c.status, Fail);
+        assert!(
+            c.detail.contains("no CREATE privilege on app"),
+            "{}",
+            c.detail
+        );
+        assert!(c.detail.contains("public.t (owner postgres)"));
+        assert!(c
+            .fix
+            .as_deref()
+            .unwrap()
+            .contains("GRANT CREATE ON DATABASE"));
+        let mut superuser = healthy_source();
+        superuser.account.superuser = true;
+        if let Ok(contents) = &mut superuser.databases[1].contents {
+            contents.can_create = false;
+        }
+        assert_eq!(
+            check(
+                &judge(superuser, &empty_destination()),
+                "source_publication_rights"
+            )
+            .status,
+            Pass
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ const WITHOUT_IDENTITY_SQL: &str = include_str!("sql/source_tables_without_ident
 const UNREADABLE_SQL: &str = include_str!("sql/source_unreadable_relations.sql");
 const UNLOGGED_SQL: &str = include_str!("sql/source_unlogged_tables.sql");
 const LONG_TRANSACTIONS_SQL: &str = include_str!("sql/source_long_transactions.sql");
+const UNPUBLISHABLE_SQL: &str = include_str!("sql/source_unpublishable_tables.sql");
 
 /// The settings the checks read, by name.
 pub const SETTINGS: &[&str] = &[
@@ -127,6 +128,8 @@ pub struct SourceDatabase {
     pub locale_provider: String,
     pub icu_locale: Option<String>,
     pub can_connect: bool,
+    /// Whether the account has its owner's privileges (needed to fence it).
+    pub owned: bool,
     pub size_bytes: Option<i64>,
     /// What a connection to it found, or why connecting failed.
     pub contents: Result<DatabaseContents, SourceError>,
@@ -142,6 +145,10 @@ pub struct DatabaseContents {
     pub cloudmig_publications: Vec<String>,
     /// (name, version) of every installed extension.
     pub extensions: Vec<(String, String)>,
+    /// Whether the account may create a publication here (CREATE on the database).
+    pub can_create: bool,
+    /// Tables whose owner's privileges the account lacks (it cannot publish them).
+    pub unpublishable: Vec<String>,
 }
 
 fn connect(
@@ -303,6 +310,7 @@ fn gather_instance(
             icu_locale: row.get("icu_locale").map(str::to_string),
             size_bytes: row.get("size_bytes").and_then(|s| s.parse().ok()),
             can_connect,
+            owned: row.get_bool("owned")?,
             contents,
             name,
         });
@@ -343,7 +351,17 @@ fn database_contents(connection: &mut Connection) -> Result<DatabaseContents, So
             ))
         })
         .collect();
+    let can_create = connection
+        .simple_query(
+            "SELECT pg_catalog.has_database_privilege(current_database(), 'CREATE') AS can_create",
+        )?
+        .first()
+        .map(|row| row.get("can_create") == Some("t"))
+        .unwrap_or(false);
+    let unpublishable = names_of(connection.simple_query(UNPUBLISHABLE_SQL)?);
     Ok(DatabaseContents {
+        can_create,
+        unpublishable,
         without_identity: names_of(connection.simple_query(WITHOUT_IDENTITY_SQL)?),
         unlogged: names_of(connection.simple_query(UNLOGGED_SQL)?),
         unreadable: names_of(connection.simple_query(UNREADABLE_SQL)?),

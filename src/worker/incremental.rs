@@ -371,10 +371,10 @@ impl Runner {
         self.set_phase(Phase::SwitchingOver, "")
             .map_err(stop_failure)?;
         let started = Instant::now();
-        if let Err(failure) = self.fence(databases, request) {
-            self.unfence(databases);
-            return Err(failure);
-        }
+        // The fence is one implicit transaction on the source: when it fails,
+        // nothing changed there (a session-ending step may have run, which
+        // needs no undo).
+        self.fence(databases, request)?;
         let fence_ms = millis(started);
         match self.drain_and_finish(databases, workers, request, started) {
             Ok(mut report) => {
@@ -472,6 +472,9 @@ impl Runner {
             .map_err(stop_failure)?;
         }
         let objects_ms = millis(objects_started);
+        // The destination is ready for the application now: the downtime ends
+        // here; dropping what the task left on the source does not delay it.
+        let downtime_ms = millis(started);
 
         let cleanup_started = Instant::now();
         for worker in workers.iter_mut() {
@@ -508,11 +511,11 @@ impl Runner {
             drain_ms,
             objects_ms,
             cleanup_ms,
-            downtime_ms: millis(started),
+            downtime_ms,
             final_lsn: markers.iter().copied().max().unwrap_or_default(),
         };
         let message = format!(
-            "downtime {} ms (fence, drain {} ms, sequences and large objects {} ms, cleanup {} ms); \
+            "downtime {} ms (fence, drain {} ms, sequences and large objects {} ms; then cleanup {} ms); \
              final source LSN {}; the source databases stay read-only",
             report.downtime_ms, report.drain_ms, report.objects_ms, report.cleanup_ms, report.final_lsn
         );

@@ -12,8 +12,9 @@ use cloudmig_e2e::ClusterBuilder;
 
 const SAMPLE_DATA: &str = "
     SET password_encryption = 'scram-sha-256';
-    CREATE ROLE migrator LOGIN REPLICATION CREATEROLE PASSWORD 'demo-password';
-    GRANT pg_monitor, pg_read_all_data TO migrator;
+    -- A superuser account copies role passwords and can fence the source at switchover
+    -- (a non-superuser with REPLICATION, CREATEROLE and pg_monitor copies the rest).
+    CREATE ROLE migrator LOGIN SUPERUSER PASSWORD 'demo-password';
     CREATE ROLE app_owner LOGIN PASSWORD 'app-password';
 ";
 
@@ -40,6 +41,11 @@ fn main() {
         .conf("max_slot_wal_keep_size = '1GB'")
         .init_sql(SAMPLE_DATA)
         .init_sql("CREATE DATABASE shop OWNER app_owner")
+        // To stream changes, a non-superuser migration account publishes the
+        // tables: it needs CREATE on the databases and its owners' privileges.
+        .init_sql(
+            "GRANT app_owner TO migrator; GRANT CREATE ON DATABASE shop, postgres TO migrator",
+        )
         .start();
     source.execute("shop", SHOP_DATA);
     let destination = ClusterBuilder::destination("demo-destination").start();
@@ -81,9 +87,15 @@ fn main() {
         .unwrap_or_default();
     println!("\nthe stored source (password masked): {source_shown}");
 
-    println!("\ndestination=# SELECT cloudmig.start({id});\n");
+    // shop.audit_log has no key: the explicit choice the assessment asked for.
+    println!(
+        "\ndestination=# SELECT cloudmig.start({id}, '{{\"replica_identity_full\": true}}');\n"
+    );
     let task: i64 = client
-        .query_one("SELECT cloudmig.start($1)", &[&id])
+        .query_one(
+            "SELECT cloudmig.start($1, '{\"replica_identity_full\": true}')",
+            &[&id],
+        )
         .unwrap_or_else(|e| panic!("start failed: {e}"))
         .get(0);
     println!("destination=# SELECT phase, tables_done, tables_total, percent, copy_rate_bytes_per_second, eta FROM cloudmig.tasks;  -- every half second\n");
@@ -115,7 +127,7 @@ fn main() {
         if phase == "failed" {
             panic!("the task failed: {error}");
         }
-        if phase == "copy_complete" {
+        if phase == "incremental" {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
@@ -138,6 +150,55 @@ fn main() {
             row.get::<_, String>(2)
         );
     }
+    // The application keeps writing on the source while changes stream in.
+    println!("\nan application writes on the source; changes stream in:\n");
+    let writer = {
+        let mut app = source.client("shop");
+        std::thread::spawn(move || {
+            let mut written = 0u64;
+            while app
+                .execute("INSERT INTO orders (customer_id, total) VALUES (1 + (random() * 9999)::int, 9.99)", &[])
+                .is_ok()
+            {
+                written += 1;
+            }
+            written
+        })
+    };
+    for _ in 0..6 {
+        let row = client
+            .query_one(
+                "SELECT phase, coalesce(lag_bytes, 0), coalesce(transactions_applied, 0) FROM cloudmig.tasks WHERE task_id = $1",
+                &[&task],
+            )
+            .unwrap_or_else(|e| panic!("cannot read cloudmig.tasks: {e}"));
+        println!(
+            "  {:<12} lag {:>8} bytes, {:>6} transactions applied",
+            row.get::<_, String>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    println!("\ndestination=# SELECT * FROM cloudmig.switchover({task});  -- while the application still writes\n");
+    let row = client
+        .query_one(
+            "SELECT downtime_ms, fence_ms, drain_ms, sequences_ms, cleanup_ms, final_lsn FROM cloudmig.switchover($1)",
+            &[&task],
+        )
+        .unwrap_or_else(|e| panic!("switchover failed: {e}"));
+    let written = writer.join().unwrap_or(0);
+    println!(
+        "  downtime {} ms: fence {} ms, drain {} ms, sequences and large objects {} ms (then cleanup {} ms); final source LSN {}",
+        row.get::<_, i64>(0),
+        row.get::<_, i64>(1),
+        row.get::<_, i64>(2),
+        row.get::<_, i64>(3),
+        row.get::<_, i64>(4),
+        row.get::<_, String>(5)
+    );
+    println!("  the application wrote {written} orders during the migration; its session was ended by the fence");
+
     println!("\nrow counts, source vs destination:");
     for table in ["customers", "orders", "audit_log"] {
         let sql = format!("SELECT count(*) FROM {table}");
@@ -146,6 +207,19 @@ fn main() {
         println!("  shop.{table:<10} {on_source:>8} {on_destination:>8}");
         assert_eq!(on_source, on_destination, "{table} differs");
     }
+    let refused = source
+        .client("shop")
+        .batch_execute("INSERT INTO audit_log (message) VALUES ('late')");
+    println!(
+        "\nthe source refuses writes now: {}",
+        refused
+            .err()
+            .map(|e| e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string()))
+            .unwrap_or_else(|| "NO, it accepted one".into())
+    );
     println!("\ndemo done; both clusters are stopped now.");
 }
 

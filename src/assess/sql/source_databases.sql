@@ -9,6 +9,7 @@ SELECT d.datname,
        coalesce(pg_catalog.to_jsonb(d) ->> 'datlocprovider', 'c') AS locale_provider,
        pg_catalog.to_jsonb(d) ->> 'daticulocale' AS icu_locale,
        pg_catalog.has_database_privilege(d.oid, 'CONNECT') AS can_connect,
+       pg_catalog.pg_has_role(d.datdba, 'USAGE') AS owned,
        CASE WHEN pg_catalog.has_database_privilege(d.oid, 'CONNECT')
               OR pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE')
             THEN pg_catalog.pg_database_size(d.oid) END AS size_bytes

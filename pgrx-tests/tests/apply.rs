@@ -170,3 +170,144 @@ fn changes_of_every_kind_are_applied_once_and_switchover_completes() {
     assert_same_data(&source, &dest, "app");
     assert_same_sequences(&source, &dest, "app");
 }
+
+fn lag_is_zero(source: &Cluster, dest: &Cluster, task: i64) {
+    caught_up(source, dest, task);
+}
+
+#[test]
+fn a_destination_crash_mid_transaction_neither_duplicates_nor_loses() {
+    let source = source("crash-apply-src");
+    source.execute("app", APP_SQL);
+    let dest = ClusterBuilder::destination("crash-apply-dst").start();
+    let task = start_task(&dest, &source);
+    wait(&dest, task, "incremental");
+    // A large transaction; crash the destination while it is being applied.
+    let writer = {
+        let mut client = source.client("app");
+        std::thread::spawn(move || {
+            client
+                .batch_execute("INSERT INTO events SELECT now(), 'bulk ' || i FROM generate_series(1, 300000) i")
+                .unwrap();
+        })
+    };
+    writer.join().unwrap();
+    poll_until(
+        &dest,
+        "postgres",
+        &format!("SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'cloudmig apply' AND state IS DISTINCT FROM 'idle'"),
+        "t",
+        TIMEOUT,
+    );
+    dest.restart_immediate();
+    // Also end the walsender from the source side once the apply is back.
+    wait(&dest, task, "incremental");
+    source.execute(
+        "postgres",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'walsender'",
+    );
+    source.execute(
+        "app",
+        "INSERT INTO events VALUES (now(), 'after the walsender died')",
+    );
+    lag_is_zero(&source, &dest, task);
+    let sql =
+        "SELECT count(*)::text || ':' || md5(string_agg(what, ',' ORDER BY what)) FROM events";
+    assert_eq!(
+        source.query_scalar::<String>("app", sql),
+        dest.query_scalar::<String>("app", sql)
+    );
+}
+
+#[test]
+fn switchover_is_refused_when_lagging_and_undone_on_timeout() {
+    let source = source("refuse-src");
+    source.execute("app", APP_SQL);
+    let dest = ClusterBuilder::destination("refuse-dst").start();
+    let task = start_task(&dest, &source);
+    wait(&dest, task, "incremental");
+    // Hold the apply back: a lock on the destination table it must write.
+    let mut blocker = dest.client("app");
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    source.execute(
+        "app",
+        "INSERT INTO items (name) SELECT 'x' FROM generate_series(1, 1000)",
+    );
+    poll_until(
+        &dest,
+        "postgres",
+        &format!("SELECT max(lag_bytes) > 0 FROM cloudmig.apply_progress WHERE task_id = {task}"),
+        "t",
+        TIMEOUT,
+    );
+    let mut client = dest.client("postgres");
+    // Over the lag limit: refused before anything is fenced.
+    let refused = client
+        .query(
+            "SELECT * FROM cloudmig.switchover($1, '{\"max_lag_bytes\": 0}')",
+            &[&task],
+        )
+        .expect_err("a lagging task must be refused");
+    assert_eq!(refused.code().map(|c| c.code()), Some("55000"), "{refused}");
+    assert!(
+        refused.to_string().contains("lag") || format!("{refused:?}").contains("lag"),
+        "{refused:?}"
+    );
+    source.execute("app", "INSERT INTO items (name) VALUES ('still writable')");
+    // Allowed to start but unable to drain in time: fenced, then undone.
+    let timed_out = client
+        .query(
+            "SELECT * FROM cloudmig.switchover($1, '{\"timeout_seconds\": 2, \"max_lag_bytes\": 1000000000}')",
+            &[&task],
+        )
+        .expect_err("a blocked apply cannot drain");
+    assert_eq!(
+        timed_out.code().map(|c| c.code()),
+        Some("55000"),
+        "{timed_out}"
+    );
+    source.execute("app", "INSERT INTO items (name) VALUES ('writable again')");
+    let phase: String = dest.query_scalar(
+        "postgres",
+        &format!("SELECT phase FROM cloudmig.tasks WHERE task_id = {task}"),
+    );
+    assert_eq!(phase, "incremental");
+    // Released, the apply catches up and a switchover succeeds.
+    blocker.batch_execute("ROLLBACK").unwrap();
+    lag_is_zero(&source, &dest, task);
+    client
+        .query_one("SELECT downtime_ms FROM cloudmig.switchover($1)", &[&task])
+        .unwrap_or_else(|e| panic!("switchover: {e:?}\n{}", events(&dest, task)));
+    assert_same_data(&source, &dest, "app");
+}
+
+#[test]
+fn a_switchover_scheduled_with_pg_cron_completes() {
+    let source = source("cron-src");
+    source.execute("app", APP_SQL);
+    let dest = ClusterBuilder::destination("cron-dst")
+        .conf("shared_preload_libraries = 'cloudmig, pg_cron'")
+        .conf("cron.database_name = 'postgres'")
+        .conf("cron.use_background_workers = on")
+        .init_sql("CREATE EXTENSION pg_cron")
+        .start();
+    let task = start_task(&dest, &source);
+    wait(&dest, task, "incremental");
+    dest.execute(
+        "postgres",
+        &format!(
+            "SELECT cron.schedule('cutover', '* * * * *', 'SELECT cloudmig.switchover({task})')"
+        ),
+    );
+    // pg_cron runs it within the minute; nobody is attached to that session.
+    poll_until(
+        &dest,
+        "postgres",
+        &format!("SELECT phase FROM cloudmig.tasks WHERE task_id = {task}"),
+        "completed",
+        Duration::from_secs(150),
+    );
+    assert_same_data(&source, &dest, "app");
+}

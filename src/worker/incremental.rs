@@ -328,11 +328,27 @@ impl Runner {
                 )
             })
             .collect();
-        if let Err(failure) = self.source_statement(&first.datname, &sql) {
+        // A new session in a fenced database starts read-only itself.
+        let undone = self
+            .connect(&first.datname, false)
+            .map_err(stop_failure)
+            .and_then(|mut connection| {
+                let result = connection
+                    .execute("SET default_transaction_read_only = off")
+                    .and_then(|_| connection.simple_query(&sql))
+                    .map(|_| ())
+                    .map_err(|e| Failure::from_source("on the source", &e));
+                connection.close();
+                result
+            });
+        if let Err(failure) = undone {
             let _ = self.event(
                 None,
                 "error",
-                &format!("could not make the source writable again ({failure}): run ALTER DATABASE ... RESET default_transaction_read_only on the source"),
+                &format!(
+                    "could not make the source writable again ({failure}): run ALTER DATABASE ... \
+                     RESET default_transaction_read_only on the source"
+                ),
             );
         }
     }

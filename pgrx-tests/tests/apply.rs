@@ -192,10 +192,12 @@ fn a_destination_crash_mid_transaction_neither_duplicates_nor_loses() {
         })
     };
     writer.join().unwrap();
+    // The apply is inside the big transaction while it holds its row lock on events.
     poll_until(
         &dest,
-        "postgres",
-        &format!("SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'cloudmig apply' AND state IS DISTINCT FROM 'idle'"),
+        "app",
+        "SELECT count(*) > 0 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+          WHERE c.relname = 'events' AND l.mode = 'RowExclusiveLock' AND l.pid <> pg_backend_pid()",
         "t",
         TIMEOUT,
     );

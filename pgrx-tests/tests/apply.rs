@@ -25,6 +25,8 @@ const APP_SQL: &str = "
     CREATE TABLE measures (city text, day date, value int, PRIMARY KEY (city, day)) PARTITION BY LIST (city);
     CREATE TABLE measures_a PARTITION OF measures FOR VALUES IN ('a');
     CREATE TABLE measures_b PARTITION OF measures FOR VALUES IN ('b');
+    CREATE TABLE priced (id int PRIMARY KEY, net numeric, gross numeric GENERATED ALWAYS AS (net * 1.2) STORED);
+    INSERT INTO priced (id, net) VALUES (1, 10);
     INSERT INTO items (name, doc) SELECT 'item ' || i, jsonb_build_object('i', i) FROM generate_series(1, 1000) i;
     INSERT INTO events VALUES ('2024-01-01', 'dup'), ('2024-01-01', 'dup'), ('2024-01-02', 'one');
     INSERT INTO measures VALUES ('a', '2024-01-01', 1), ('a', '2024-01-02', 3), ('b', '2024-01-01', 2);
@@ -123,9 +125,21 @@ fn changes_of_every_kind_are_applied_once_and_switchover_completes() {
          COMMIT;",
     );
     source.execute("app", "TRUNCATE audit");
+    // Generated columns are not sent: they are computed here.
+    source.execute(
+        "app",
+        "INSERT INTO priced (id, net) VALUES (2, 100); UPDATE priced SET net = 20 WHERE id = 1",
+    );
     caught_up(&source, &dest, task);
 
-    for table in ["items", "events", "audit", "measures_a", "measures_b"] {
+    for table in [
+        "items",
+        "events",
+        "audit",
+        "measures_a",
+        "measures_b",
+        "priced",
+    ] {
         let sql = format!("SELECT count(*)::text || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM {table} t");
         let (on_source, here): (String, String) = (
             source.query_scalar("app", &sql),
@@ -144,11 +158,33 @@ fn changes_of_every_kind_are_applied_once_and_switchover_completes() {
         0
     );
 
+    // Nothing writes now: verify agrees table by table, checksums included.
+    let differing: Vec<String> = dest
+        .client("postgres")
+        .query(
+            "SELECT schema_name || '.' || table_name || ': ' || detail FROM cloudmig.verify($1, true) \
+              WHERE NOT matches",
+            &[&task],
+        )
+        .unwrap_or_else(|e| panic!("verify: {e:?}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(differing.is_empty(), "{differing:#?}");
+    // A difference is found: a row changed behind the apply's back.
+    dest.execute("app", "UPDATE priced SET net = 99 WHERE id = 2");
+    let found: i64 = dest.query_scalar(
+        "postgres",
+        &format!("SELECT count(*) FROM cloudmig.verify({task}, true) WHERE NOT matches AND table_name = 'priced'"),
+    );
+    assert_eq!(found, 1);
+    dest.execute("app", "UPDATE priced SET net = 100 WHERE id = 2");
+
     // Switchover: writes stop on the source, the rest arrives, downtime is reported.
     let row = dest
         .client("postgres")
         .query_one(
-            "SELECT downtime_ms, final_lsn FROM cloudmig.switchover($1)",
+            "SELECT downtime_ms, final_lsn FROM cloudmig.switchover($1, '{\"verify\": true}')",
             &[&task],
         )
         .unwrap_or_else(|e| panic!("switchover: {e:?}\n{}", events(&dest, task)));
@@ -312,4 +348,40 @@ fn a_switchover_scheduled_with_pg_cron_completes() {
         Duration::from_secs(150),
     );
     assert_same_data(&source, &dest, "app");
+}
+
+#[test]
+fn an_apply_conflict_stops_with_the_relation_and_transaction() {
+    let source = source("conflict-src");
+    source.execute("app", APP_SQL);
+    let dest = ClusterBuilder::destination("conflict-dst").start();
+    let task = start_task(&dest, &source);
+    wait(&dest, task, "incremental");
+    // The row vanishes here; the source then updates it.
+    dest.execute("app", "DELETE FROM items WHERE id = 5");
+    source.execute("app", "UPDATE items SET name = 'conflict' WHERE id = 5");
+    poll_until(
+        &dest,
+        "postgres",
+        &format!("SELECT phase FROM cloudmig.tasks WHERE task_id = {task}"),
+        "failed",
+        TIMEOUT,
+    );
+    let row = dest
+        .client("postgres")
+        .query_one(
+            "SELECT last_error, last_error_hint FROM cloudmig.tasks WHERE task_id = $1",
+            &[&task],
+        )
+        .unwrap();
+    let (error, hint): (String, String) = (row.get(0), row.get(1));
+    for needle in [
+        "public.items",
+        "remote transaction",
+        "committing at",
+        "no row",
+    ] {
+        assert!(error.contains(needle), "{error} lacks {needle}");
+    }
+    assert!(hint.contains("repair"), "{hint}");
 }

@@ -27,6 +27,8 @@ REVOKE ALL ON FUNCTION cloudmig.wait(bigint, text, interval) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.wait(bigint, text, interval) TO cloudmig_admin;
 REVOKE ALL ON FUNCTION cloudmig.switchover(bigint, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.switchover(bigint, jsonb) TO cloudmig_admin;
+REVOKE ALL ON FUNCTION cloudmig.verify(bigint, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cloudmig.verify(bigint, boolean) TO cloudmig_admin;
 REVOKE ALL ON FUNCTION cloudmig.apply_status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.apply_status() TO cloudmig_admin;
 

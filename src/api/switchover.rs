@@ -28,6 +28,10 @@ struct SwitchoverOptions {
     terminate_sessions: bool,
     /// Users whose sessions are not ended (monitoring, replication tools...).
     exempt_users: Vec<String>,
+    /// Once drained, compare every table's row count; refuse on a difference.
+    verify: bool,
+    /// With `verify`, compare order-independent checksums too (reads every row).
+    checksums: bool,
 }
 
 impl Default for SwitchoverOptions {
@@ -37,6 +41,8 @@ impl Default for SwitchoverOptions {
             timeout_seconds: 60,
             terminate_sessions: true,
             exempt_users: Vec::new(),
+            verify: false,
+            checksums: false,
         }
     }
 }
@@ -129,6 +135,8 @@ fn switchover(
         exchange.max_lag_bytes = options.max_lag_bytes;
         exchange.timeout_ms = options.timeout_seconds * 1000;
         exchange.terminate_sessions = options.terminate_sessions;
+        exchange.verify = options.verify || options.checksums;
+        exchange.checksums = options.checksums;
         exchange.exempt_users.set(&options.exempt_users.join(","));
     }
     shared::wake(worker);
@@ -230,6 +238,113 @@ fn apply_status() -> TableIterator<
                 slot.transactions as i64,
                 (!error.is_empty()).then_some(error),
             )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Compares every copied table between the source and this destination: row
+/// counts, and order-independent checksums when `checksums`. Runs in the
+/// task's worker, so the task must be streaming (`incremental`); while the
+/// source is written to, counts differ by what is in flight. The switchover
+/// runs the same comparison on a fenced source with its `verify` option.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn verify(
+    task: i64,
+    checksums: default!(bool, false),
+) -> TableIterator<
+    'static,
+    (
+        name!(database, String),
+        name!(schema_name, String),
+        name!(table_name, String),
+        name!(source_rows, i64),
+        name!(destination_rows, i64),
+        name!(matches, bool),
+        name!(detail, String),
+    ),
+> {
+    let loaded = tasks::load(task)
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise();
+    let Some(loaded) = loaded else {
+        ApiError::UnknownTask(task).raise()
+    };
+    let Some(worker) = shared::task_worker_pid(task).filter(|_| loaded.phase == Phase::Incremental)
+    else {
+        ApiError::SwitchoverRefused {
+            message: format!(
+                "task {task} is in phase {}: verify needs it streaming (incremental)",
+                loaded.phase
+            ),
+            hint: "Use the switchover's verify option to compare on a fenced source.".into(),
+        }
+        .raise()
+    };
+    {
+        let mut activity = TASK.exclusive();
+        if matches!(
+            activity.verify.state,
+            SwitchoverState::Requested | SwitchoverState::Running
+        ) {
+            drop(activity);
+            ApiError::SwitchoverRefused {
+                message: "a verification is already running".into(),
+                hint: String::new(),
+            }
+            .raise();
+        }
+        activity.verify = Default::default();
+        activity.verify.state = SwitchoverState::Requested;
+        activity.verify.task_id = task;
+        activity.verify.checksums = checksums;
+    }
+    shared::wake(worker);
+    loop {
+        let exchange = TASK.share().verify;
+        if matches!(
+            exchange.state,
+            SwitchoverState::Done | SwitchoverState::Failed
+        ) {
+            TASK.exclusive().verify.state = SwitchoverState::Idle;
+            if exchange.state == SwitchoverState::Failed {
+                ApiError::SwitchoverRefused {
+                    message: exchange.message.get(),
+                    hint: String::new(),
+                }
+                .raise();
+            }
+            break;
+        }
+        if shared::task_worker_pid(task).is_none() {
+            ApiError::SwitchoverRefused {
+                message: "the task worker stopped".into(),
+                hint: String::new(),
+            }
+            .raise();
+        }
+        nap(50);
+    }
+    let text = std::fs::read_to_string(crate::worker::incremental::verify_file(task))
+        .map_err(|e| ApiError::Catalog(format!("could not read the verdicts: {e}")))
+        .or_raise();
+    let rows: Vec<_> = text
+        .lines()
+        .filter_map(|line| {
+            let parts: Vec<&str> = line.split('\t').collect();
+            if parts.len() < 7 {
+                return None;
+            }
+            Some((
+                parts[0].to_string(),
+                parts[1].to_string(),
+                parts[2].to_string(),
+                parts[3].parse().unwrap_or(-1),
+                parts[4].parse().unwrap_or(-1),
+                parts[5] == "true",
+                parts[6].to_string(),
+            ))
         })
         .collect();
     TableIterator::new(rows)

@@ -16,3 +16,12 @@ pub const PUBLISHABLE_TABLES_SQL: &str = include_str!("sql/publishable_tables.sq
 /// with the assessment's check).
 pub const TABLES_WITHOUT_IDENTITY_SQL: &str =
     include_str!("../assess/sql/source_tables_without_identity.sql");
+/// Row count and optional checksum of one table, on either side.
+pub const TABLE_FINGERPRINT_SQL: &str = include_str!("sql/table_fingerprint.sql");
+
+/// The fingerprint query for `qualified` (an already quoted `schema.table`).
+pub fn fingerprint_sql(qualified: &str, checksums: bool) -> String {
+    TABLE_FINGERPRINT_SQL
+        .replace("%TABLE%", qualified)
+        .replace("%CHECKSUMS%", if checksums { "true" } else { "false" })
+}

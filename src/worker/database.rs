@@ -187,6 +187,7 @@ fn run_job(
                     .map_err(|e| Failure::new(e.to_string()))
             })
         }
+        JobKind::CountRows => count_rows(&job.path.get(), job.checksums),
         JobKind::None => Ok(()),
     }
 }
@@ -246,4 +247,45 @@ fn copy_table(
         slots[index].bytes = stats.bytes;
         Ok(())
     })
+}
+
+/// Counts (and checksums) the rows of the tables listed in `path`
+/// ("schema<TAB>table" lines), writing "schema<TAB>table<TAB>rows<TAB>checksum"
+/// lines to `path.out`.
+fn count_rows(path: &str, checksums: bool) -> Result<(), Failure> {
+    let list = std::fs::read_to_string(path)
+        .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
+    let output = txn::run(|| {
+        let spi_failure = |e: crate::apply::spi::SpiFailure| Failure::new(e.to_string());
+        crate::apply::spi::connect().map_err(spi_failure)?;
+        let mut output = String::new();
+        let result = (|| {
+            crate::apply::spi::query("SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'")
+                .map_err(spi_failure)?;
+            for line in list.lines() {
+                let Some((schema, table)) = line.split_once('\t') else {
+                    continue;
+                };
+                let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+                let rows =
+                    crate::apply::spi::query(&crate::copy::fingerprint_sql(&qualified, checksums))
+                        .map_err(spi_failure)?;
+                let (count, checksum) = rows
+                    .first()
+                    .map(|row| {
+                        (
+                            row.first().cloned().flatten().unwrap_or_default(),
+                            row.get(1).cloned().flatten().unwrap_or_default(),
+                        )
+                    })
+                    .unwrap_or_default();
+                output.push_str(&format!("{schema}\t{table}\t{count}\t{checksum}\n"));
+            }
+            Ok(())
+        })();
+        crate::apply::spi::finish();
+        result.map(|()| output)
+    })?;
+    std::fs::write(format!("{path}.out"), output)
+        .map_err(|e| Failure::new(format!("could not write {path}.out: {e}")))
 }

@@ -37,6 +37,24 @@ struct Request {
     timeout: Duration,
     terminate_sessions: bool,
     exempt_users: Vec<String>,
+    verify: bool,
+    checksums: bool,
+}
+
+/// One table compared on both sides.
+pub struct Verdict {
+    pub database: String,
+    pub schema: String,
+    pub table: String,
+    pub source_rows: i64,
+    pub destination_rows: i64,
+    pub matches: bool,
+    pub detail: String,
+}
+
+/// Where the verdicts of the last verification of a task are written.
+pub fn verify_file(task_id: i64) -> std::path::PathBuf {
+    super::task::work_dir(task_id).join("verify.tsv")
 }
 
 /// Step durations of a completed switchover.
@@ -229,6 +247,40 @@ impl Runner {
                         Phase::Incremental,
                         "every database caught up; switchover is possible",
                     )?;
+                }
+            }
+            if let Some(checksums) = take_verify_request(self.task.id) {
+                let outcome = self.verify(databases, checksums).map(|verdicts| {
+                    let text: String = verdicts
+                        .iter()
+                        .map(|v| {
+                            format!(
+                                "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                                v.database,
+                                v.schema,
+                                v.table,
+                                v.source_rows,
+                                v.destination_rows,
+                                v.matches,
+                                v.detail
+                            )
+                        })
+                        .collect();
+                    std::fs::write(verify_file(self.task.id), text)
+                });
+                let mut task = TASK.exclusive();
+                match outcome {
+                    Ok(Ok(())) => task.verify.state = SwitchoverState::Done,
+                    Ok(Err(error)) => {
+                        task.verify
+                            .message
+                            .set(&format!("could not write the verdicts: {error}"));
+                        task.verify.state = SwitchoverState::Failed;
+                    }
+                    Err(failure) => {
+                        task.verify.message.set(&failure.message);
+                        task.verify.state = SwitchoverState::Failed;
+                    }
                 }
             }
             if let Some(request) = take_request(self.task.id) {
@@ -465,6 +517,24 @@ impl Runner {
         // SAFETY: flushes this instance's WAL up to its current insert position.
         unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
         let drain_ms = millis(drain_started);
+        if request.verify {
+            let differing: Vec<String> = self
+                .verify(databases, request.checksums)?
+                .into_iter()
+                .filter(|v| !v.matches)
+                .map(|v| format!("{}: {}.{} ({})", v.database, v.schema, v.table, v.detail))
+                .collect();
+            if !differing.is_empty() {
+                return Err(Failure::with_hint(
+                    format!(
+                        "verification found {} differing table(s): {}",
+                        differing.len(),
+                        crate::assess::name_list(&differing, 10)
+                    ),
+                    "compare the tables, fix the destination, and switch over again",
+                ));
+            }
+        }
 
         let objects_started = Instant::now();
         for database in databases {
@@ -541,6 +611,132 @@ impl Runner {
     }
 }
 
+impl Runner {
+    /// Compares every copied table's row count (and checksum) between the
+    /// source and here. Meaningful once the source is fenced, or when nothing
+    /// writes to it; in flight, counts differ by the lag.
+    fn verify(&self, databases: &[TaskDatabase], checksums: bool) -> Result<Vec<Verdict>, Failure> {
+        let task_id = self.task.id;
+        let mut verdicts = Vec::new();
+        for (ordinal, database) in databases.iter().enumerate() {
+            let datname = database.datname.clone();
+            let tables: Vec<(String, String)> = txn::spi(|| {
+                Spi::connect(|client| {
+                    client
+                        .select(
+                            "SELECT schema_name, table_name FROM cloudmig.table_copy \
+                              WHERE task_id = $1 AND datname = $2 ORDER BY 1, 2",
+                            None,
+                            &[task_id.into(), datname.as_str().into()],
+                        )?
+                        .map(|row| {
+                            Ok((
+                                row.get::<String>(1)?.unwrap_or_default(),
+                                row.get::<String>(2)?.unwrap_or_default(),
+                            ))
+                        })
+                        .collect()
+                })
+            })?;
+            let list = self.work_dir.join(format!("verify-{ordinal}.list"));
+            let text: String = tables.iter().map(|(s, t)| format!("{s}\t{t}\n")).collect();
+            std::fs::write(&list, text)
+                .map_err(|e| Failure::new(format!("could not write {}: {e}", list.display())))?;
+            let job = Job {
+                kind: JobKind::CountRows,
+                path: list.display().to_string(),
+                checksums,
+                ..Job::default()
+            };
+            self.run_jobs(&datname, vec![job], 1, &mut |_| Ok(()), &mut |_, _| Ok(()))
+                .map_err(stop_failure)?;
+            let here: std::collections::HashMap<(String, String), (i64, String)> =
+                std::fs::read_to_string(format!("{}.out", list.display()))
+                    .map_err(|e| {
+                        Failure::new(format!("could not read the destination's counts: {e}"))
+                    })?
+                    .lines()
+                    .filter_map(|line| {
+                        let mut parts = line.split('\t');
+                        let (schema, table, rows) = (parts.next()?, parts.next()?, parts.next()?);
+                        let checksum = parts.next().unwrap_or("");
+                        Some((
+                            (schema.to_string(), table.to_string()),
+                            (rows.parse().ok()?, checksum.to_string()),
+                        ))
+                    })
+                    .collect();
+            let mut connection = self.connect(&datname, false).map_err(stop_failure)?;
+            let source_failure = |e: SourceError| {
+                Failure::from_source(&format!("counting on source database {datname}"), &e)
+            };
+            connection
+                .execute("SET TimeZone = 'UTC'")
+                .map_err(source_failure)?;
+            connection
+                .execute("SET DateStyle = 'ISO'")
+                .map_err(source_failure)?;
+            for (schema, table) in tables {
+                let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+                let rows = connection
+                    .simple_query(&crate::copy::fingerprint_sql(&qualified, checksums))
+                    .map_err(source_failure)?;
+                let source_rows: i64 = rows
+                    .first()
+                    .and_then(|r| r.get("rows"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(-1);
+                let source_sum = rows
+                    .first()
+                    .and_then(|r| r.get("checksum"))
+                    .unwrap_or("")
+                    .to_string();
+                let (destination_rows, destination_sum) = here
+                    .get(&(schema.clone(), table.clone()))
+                    .cloned()
+                    .unwrap_or((-1, String::new()));
+                let (matches, detail) = if source_rows != destination_rows {
+                    (false, "row count differs".to_string())
+                } else if checksums && source_sum != destination_sum {
+                    (false, "checksum differs".to_string())
+                } else {
+                    (
+                        true,
+                        if checksums {
+                            "rows and checksum match"
+                        } else {
+                            "row count matches"
+                        }
+                        .to_string(),
+                    )
+                };
+                verdicts.push(Verdict {
+                    database: datname.clone(),
+                    schema,
+                    table,
+                    source_rows,
+                    destination_rows,
+                    matches,
+                    detail,
+                });
+            }
+            connection.close();
+        }
+        Ok(verdicts)
+    }
+}
+
+/// Takes a pending verification request for `task_id`; returns whether it wants checksums.
+fn take_verify_request(task_id: i64) -> Option<bool> {
+    let mut task = TASK.exclusive();
+    let exchange = &mut task.verify;
+    if exchange.state != SwitchoverState::Requested || exchange.task_id != task_id {
+        return None;
+    }
+    exchange.state = SwitchoverState::Running;
+    Some(exchange.checksums)
+}
+
 fn stop_failure(stop: Stop) -> Failure {
     match stop {
         Stop::Failed(failure) => failure,
@@ -561,6 +757,8 @@ fn take_request(task_id: i64) -> Option<Request> {
         max_lag_bytes: exchange.max_lag_bytes.max(0) as u64,
         timeout: Duration::from_millis(exchange.timeout_ms.max(0) as u64),
         terminate_sessions: exchange.terminate_sessions,
+        verify: exchange.verify,
+        checksums: exchange.checksums,
         exempt_users: exchange
             .exempt_users
             .get()

@@ -26,6 +26,7 @@ pub struct Job {
     pub path: String,
     pub truncate_first: bool,
     pub resuming: bool,
+    pub checksums: bool,
 }
 
 /// What a finished job reports.
@@ -168,6 +169,7 @@ fn dispatch(
                         JobKind::RefreshMaterializedViews => {
                             "refreshing materialized views".to_string()
                         }
+                        JobKind::CountRows => "counting rows".to_string(),
                         JobKind::None => "a job".to_string(),
                     };
                     let mut failure = Failure::new(format!("{what} failed: {error}"));
@@ -187,6 +189,7 @@ fn dispatch(
                             slot.path.set(&job.path);
                             slot.truncate_first = job.truncate_first;
                             slot.resuming = job.resuming;
+                            slot.checksums = job.checksums;
                             slot.rows = 0;
                             slot.bytes = 0;
                             slot.error.set("");

@@ -132,6 +132,17 @@ pub struct TaskActivity {
     pub cancel_task_id: i64,
     /// The switchover handshake between `cloudmig.switchover()` and the task worker.
     pub switchover: SwitchoverExchange,
+    /// The same for `cloudmig.verify()`; the verdicts go to a file.
+    pub verify: VerifyExchange,
+}
+
+/// A verification request and its outcome.
+#[derive(Copy, Clone, Default)]
+pub struct VerifyExchange {
+    pub state: SwitchoverState,
+    pub task_id: i64,
+    pub checksums: bool,
+    pub message: FixedText<1024>,
 }
 
 /// Where a switchover request stands.
@@ -155,6 +166,9 @@ pub struct SwitchoverExchange {
     pub max_lag_bytes: i64,
     pub timeout_ms: i64,
     pub terminate_sessions: bool,
+    /// Compare row counts of every table once drained (checksums too when `checksums`).
+    pub verify: bool,
+    pub checksums: bool,
     /// Comma-separated user names whose sessions are not terminated.
     pub exempt_users: FixedText<512>,
     pub message: FixedText<1024>,
@@ -207,6 +221,9 @@ pub enum JobKind {
     CopyLargeObjects = 4,
     /// Refresh every materialized view that is populated on the source.
     RefreshMaterializedViews = 5,
+    /// Count (and with `checksums`, checksum) the rows of the tables listed
+    /// in `path`, writing the results beside it (`.out`).
+    CountRows = 6,
 }
 
 /// One database worker's mailbox.
@@ -226,6 +243,8 @@ pub struct JobSlot {
     /// The task resumed: a script may have been applied by the attempt that
     /// died before recording it.
     pub resuming: bool,
+    /// CountRows: also compute an order-independent checksum.
+    pub checksums: bool,
     /// Live progress of the current job.
     pub rows: u64,
     pub bytes: u64,

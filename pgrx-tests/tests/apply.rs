@@ -385,3 +385,51 @@ fn an_apply_conflict_stops_with_the_relation_and_transaction() {
     }
     assert!(hint.contains("repair"), "{hint}");
 }
+
+#[test]
+fn pgbench_writing_through_copy_apply_and_switchover_loses_nothing() {
+    let source = ClusterBuilder::source("bench-apply-src")
+        .init_sql("CREATE DATABASE bench")
+        .start();
+    let mut init = source.command("pgbench");
+    init.args(["-i", "-s", "2", "-q", "bench"]);
+    assert!(init.output().expect("pgbench -i").status.success());
+    let dest = ClusterBuilder::destination("bench-apply-dst").start();
+    // Writes run from before the start until the switchover ends their sessions.
+    let mut bench = source.command("pgbench");
+    bench.args([
+        "-n", "-c", "2", "-j", "2", "-R", "500", "-T", "120", "bench",
+    ]);
+    let load = std::thread::spawn(move || bench.output());
+    poll_until(
+        &source,
+        "bench",
+        "SELECT count(*) > 0 FROM pgbench_history",
+        "t",
+        TIMEOUT,
+    );
+    let task = start_task(&dest, &source);
+    wait(&dest, task, "incremental");
+    poll_until(
+        &dest,
+        "postgres",
+        &format!(
+            "SELECT sum(transactions) > 100 FROM cloudmig.apply_progress WHERE task_id = {task}"
+        ),
+        "t",
+        TIMEOUT,
+    );
+    dest.client("postgres")
+        .query_one(
+            "SELECT downtime_ms FROM cloudmig.switchover($1, '{\"verify\": true}')",
+            &[&task],
+        )
+        .unwrap_or_else(|e| panic!("switchover: {e:?}\n{}", events(&dest, task)));
+    // pgbench's sessions were ended by the fence; it exits on its own.
+    let _ = load.join();
+    assert_same_data(&source, &dest, "bench");
+    assert_same_sequences(&source, &dest, "bench");
+    let balances = "SELECT sum(abalance)::text || '/' || (SELECT sum(delta) FROM pgbench_history)::text FROM pgbench_accounts";
+    let on_dest: String = dest.query_scalar("bench", balances);
+    assert_eq!(on_dest, source.query_scalar::<String>("bench", balances));
+}

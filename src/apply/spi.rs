@@ -107,9 +107,49 @@ pub fn prepare(sql: &str, parameters: usize) -> Result<Plan, SpiFailure> {
     }
 }
 
+thread_local! {
+    /// Where the parameter values of one change live; reset after each
+    /// change, so a transaction of a million rows does not accumulate them
+    /// (as worker.c resets ApplyMessageContext per message).
+    static VALUES_CONTEXT: std::cell::Cell<pg_sys::MemoryContext> =
+        const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+fn values_context() -> pg_sys::MemoryContext {
+    VALUES_CONTEXT.with(|cell| {
+        if cell.get().is_null() {
+            // SAFETY: a child of TopMemoryContext, created once per process.
+            let context = unsafe {
+                pg_sys::AllocSetContextCreateInternal(
+                    pg_sys::TopMemoryContext,
+                    c"cloudmig apply values".as_ptr(),
+                    pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                    pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                    pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+                )
+            };
+            cell.set(context);
+        }
+        cell.get()
+    })
+}
+
 /// Executes a plan with UTF-8 text values (None is NULL); returns the rows
 /// it processed.
 pub fn execute(plan: &Plan, values: &[Option<&[u8]>]) -> Result<u64, SpiFailure> {
+    let context = values_context();
+    // SAFETY: switch to the per-change context for the values and back; the
+    // executor is done with them when SPI_execute_plan returns.
+    let previous = unsafe { pg_sys::MemoryContextSwitchTo(context) };
+    let result = execute_in_current_context(plan, values);
+    unsafe {
+        pg_sys::MemoryContextSwitchTo(previous);
+        pg_sys::MemoryContextReset(context);
+    }
+    result
+}
+
+fn execute_in_current_context(plan: &Plan, values: &[Option<&[u8]>]) -> Result<u64, SpiFailure> {
     let mut datums = Vec::with_capacity(plan.parameters);
     let mut nulls = Vec::with_capacity(plan.parameters);
     for index in 0..plan.parameters {

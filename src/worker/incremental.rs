@@ -338,6 +338,8 @@ impl Runner {
             );
             failure
         })?;
+        // Wait for each ended session to be gone (PostgreSQL 14+): a backend
+        // signalled mid-commit could otherwise commit after the final marker.
         if request.terminate_sessions {
             let names: Vec<String> = databases
                 .iter()
@@ -356,9 +358,10 @@ impl Runner {
             self.source_statement(
                 first,
                 &format!(
-                    "SELECT count(pg_catalog.pg_terminate_backend(pid)) AS ended FROM pg_catalog.pg_stat_activity \
+                    "SELECT count(pg_catalog.pg_terminate_backend(pid, 10000)) AS ended FROM pg_catalog.pg_stat_activity \
                       WHERE datname IN ({}) AND pid <> pg_catalog.pg_backend_pid() \
-                        AND backend_type = 'client backend' AND usename <> current_user{exempt_clause}",
+                        AND backend_type = 'client backend' \
+                        AND application_name IS DISTINCT FROM 'cloudmig'{exempt_clause}",
                     names.join(", ")
                 ),
             )?;

@@ -208,6 +208,10 @@ fn cancel(task: i64) {
         pgrx::notice!("task {task} is already cancelled");
         return;
     }
+    if loaded.phase == Phase::Completed {
+        pgrx::notice!("task {task} is completed: there is nothing to cancel");
+        return;
+    }
     // Stop the worker first: it holds the slots and snapshots.
     TASK.exclusive().cancel_task_id = task;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -71,11 +71,6 @@ impl Phase {
         !matches!(self, Phase::Completed | Phase::Failed | Phase::Cancelled)
     }
 
-    /// Phases a task never leaves.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Phase::Completed | Phase::Cancelled)
-    }
-
     /// Whether `self` is `target` or comes after it on the way to completion
     /// (failed and cancelled come after everything: a waiter must stop).
     pub fn reached(self, target: Phase) -> bool {

@@ -253,7 +253,11 @@ fn run(
                 // was not advanced, so it is streamed again next time.
                 unsafe { pg_sys::AbortCurrentTransaction() };
             }
-            let _ = stream.finish();
+            // No CopyDone handshake: closing the connection ends the
+            // walsender at once, which frees the slot for the switchover's
+            // cleanup (the origin already records what was applied).
+            drop(stream);
+            connection.close();
             return Ok(());
         }
         let mut reply_requested = false;

@@ -48,7 +48,8 @@ pub extern "C-unwind" fn cloudmig_database_main(arg: pg_sys::Datum) {
             }
         };
         let Some(job) = job else {
-            txn::nap(Duration::from_secs(1));
+            // Short: a job is often handed over just after this worker started.
+            txn::nap(Duration::from_millis(100));
             continue;
         };
         let result = run_job(index, &database, &job, &mut session);

@@ -256,7 +256,6 @@ fn run(
             // No CopyDone handshake: closing the connection ends the
             // walsender at once, which frees the slot for the switchover's
             // cleanup (the origin already records what was applied).
-            drop(stream);
             connection.close();
             return Ok(());
         }

@@ -10,7 +10,9 @@
 //! | `api`      | the SQL functions, thin: validate, call below, map errors        |
 //! | `assess`   | the feasibility checks: facts gathered, then judged              |
 //! | `catalog`  | typed access to cloudmig's own tables; the task phase machine    |
+//! | `apply`    | the source's changes applied through the executor, per table     |
 //! | `copy`     | table data, sequences, large objects: source to local tables     |
+//! | `owner`    | source-defined code runs with its table owner's rights           |
 //! | `schema`   | pg_dump/pg_dumpall: running them, applying their output here     |
 //! | `source`   | the wire client for the source server (plain Rust, no pgrx)      |
 //! | `worker`   | background workers and the shared memory they report through     |
@@ -25,6 +27,7 @@ pub mod assess;
 pub mod catalog;
 pub mod copy;
 pub mod guc;
+pub mod owner;
 pub mod schema;
 pub mod source;
 pub mod worker;

@@ -1,17 +1,23 @@
-//! Applies decoded changes to local tables, one transaction at a time (the
-//! caller opens and commits it).
+//! Applies decoded changes to local tables, inside a transaction the caller
+//! opens and commits.
 //!
 //! It keeps what the source announced about each relation (Relation
 //! messages come before the first change of a relation, and again after its
-//! definition changes), maps the columns to the local table, and runs the
-//! statements of [`super::statements`] through prepared SPI plans. A change
+//! definition changes) and maps it onto the local table at the first change
+//! ([`super::local`]). Each change is one executor operation
+//! ([`super::executor`]), run as the table's owner in a security-restricted
+//! operation, in a memory context reset after the change so a transaction
+//! of a million rows holds one row's worth of values at a time. A change
 //! that finds no row to update or delete is an error, never skipped: the
 //! copy and the stream disagree, and a DBA must know.
 
-use super::spi::{self, Plan};
-use super::statements::{self, LocalColumn, Statement, Target, TYPES_WITHOUT_EQUALITY};
+use super::executor::{self, Execution};
+use super::local::{self, LocalTable, MappingError, RowLookup};
+use super::spi;
+use crate::owner::AsOwner;
 use crate::source::pgoutput::{Column, Tuple, Value};
-use crate::source::{quote_ident, quote_literal, Lsn};
+use crate::source::{quote_ident, Lsn};
+use pgrx::pg_sys;
 use std::collections::HashMap;
 
 /// Why a change could not be applied.
@@ -21,12 +27,20 @@ pub enum ApplyError {
     UnknownRelation(u32),
     #[error("table {0} does not exist here")]
     MissingTable(String),
-    #[error("column {column} of {table} does not exist here")]
-    MissingColumn { table: String, column: String },
+    #[error("{0}")]
+    Mapping(#[from] MappingError),
     #[error("no row of {table} matches the source's {what}")]
     RowNotFound { table: String, what: &'static str },
-    #[error("{table}: the source sent no replica identity for an {what}")]
+    #[error("{table}: neither the source nor this table identifies rows for an {what} (no replica identity)")]
     NoIdentity { table: String, what: &'static str },
+    #[error("{table}: the source sent {got} values for {expected} columns")]
+    ColumnCount {
+        table: String,
+        got: usize,
+        expected: usize,
+    },
+    #[error("{table}: binary values were not requested from the source")]
+    Binary { table: String },
     #[error("{0}")]
     Spi(#[from] spi::SpiFailure),
 }
@@ -39,61 +53,72 @@ impl ApplyError {
                 "the row was changed or deleted here, or the source and destination diverged: \
                  compare them, repair the row here, and restart the migration if needed"
             }
-            ApplyError::MissingTable(_) | ApplyError::MissingColumn { .. } => {
+            ApplyError::MissingTable(_)
+            | ApplyError::Mapping(_)
+            | ApplyError::ColumnCount { .. } => {
                 "the source's schema changed during the migration (DDL is not replicated): \
                  apply the same DDL here, then the apply resumes"
+            }
+            ApplyError::NoIdentity { .. } => {
+                "give the table a primary key or REPLICA IDENTITY FULL on the source and here"
             }
             _ => "see the server log of the destination",
         }
     }
 }
 
-/// A source relation as announced, mapped to the local table.
+/// A source relation as announced.
 struct Relation {
-    target: Target,
-    /// Source columns, in the order tuples carry them, with their local twin.
-    columns: Vec<(Column, LocalColumn)>,
+    namespace: String,
+    name: String,
+    columns: Vec<Column>,
     /// REPLICA IDENTITY FULL on the source: every column identifies a row.
     full_identity: bool,
-    /// Changes committed at or before this LSN were in the table's copy.
+    /// Changes committed before this LSN were in the table's copy.
     sync_lsn: Option<Lsn>,
+    /// The local table, mapped at the first change; dropped when the source
+    /// re-announces the relation or the local table changes.
+    local: Option<LocalTable>,
 }
 
 impl Relation {
-    fn name(&self) -> String {
-        format!("{}.{}", self.target.schema, self.target.table)
+    fn display_name(&self) -> String {
+        format!("{}.{}", self.namespace, self.name)
     }
 }
 
-/// Identity columns and their values (None for NULL) naming one row.
-type Identity<'r, 't> = (Vec<&'r LocalColumn>, Vec<Option<&'t [u8]>>);
-
 /// The per-database applier.
-#[derive(Default)]
 pub struct Applier {
     relations: HashMap<u32, Relation>,
-    plans: HashMap<String, Plan>,
     /// "schema.table" -> LSN its rows were copied at, when later than the
     /// slot's start (a resumed copy); see the task worker's module doc.
     sync_lsns: HashMap<String, Lsn>,
-}
-
-fn text(value: &Value) -> Option<&[u8]> {
-    match value {
-        Value::Text(bytes) | Value::Binary(bytes) => Some(bytes),
-        Value::Null | Value::UnchangedToast => None,
-    }
+    /// Where one change's values and executor state live; reset after it.
+    change_context: pg_sys::MemoryContext,
 }
 
 impl Applier {
     pub fn new(sync_lsns: HashMap<String, Lsn>) -> Self {
+        local::watch_relation_cache();
+        // SAFETY: a child of TopMemoryContext, kept for the worker's life.
+        let change_context = unsafe {
+            pg_sys::AllocSetContextCreateInternal(
+                pg_sys::TopMemoryContext,
+                c"cloudmig apply change".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            )
+        };
         Self {
+            relations: HashMap::new(),
             sync_lsns,
-            ..Self::default()
+            change_context,
         }
     }
 
-    /// Records a Relation message, reading the local table's columns.
+    /// Records a Relation message; the local table is looked at when the
+    /// first change arrives (in a transaction), as core's apply does.
     pub fn relation(
         &mut self,
         oid: u32,
@@ -101,131 +126,49 @@ impl Applier {
         name: &str,
         replica_identity: u8,
         columns: &[Column],
-    ) -> Result<(), ApplyError> {
-        let qualified = format!("{}.{}", quote_ident(namespace), quote_ident(name));
-        let table = format!("{namespace}.{name}");
-        let rows = spi::query(&format!(
-            "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), \
-                    coalesce(b.typname, t.typname)::text \
-               FROM pg_catalog.pg_attribute a \
-               JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
-               LEFT JOIN pg_catalog.pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype \
-              WHERE a.attrelid = pg_catalog.to_regclass({}) AND a.attnum > 0 AND NOT a.attisdropped",
-            quote_literal(&qualified)
-        ))?;
-        if rows.is_empty() {
-            return Err(ApplyError::MissingTable(table));
-        }
-        let local: HashMap<String, LocalColumn> = rows
-            .into_iter()
-            .filter_map(|row| {
-                let mut row = row.into_iter();
-                let (name, type_name, base) = (row.next()??, row.next()??, row.next()??);
-                let has_equality = !TYPES_WITHOUT_EQUALITY.contains(&base.as_str());
-                Some((
-                    name.clone(),
-                    LocalColumn {
-                        name,
-                        type_name,
-                        has_equality,
-                    },
-                ))
-            })
-            .collect();
-        let mut mapped = Vec::with_capacity(columns.len());
-        for column in columns {
-            let local_column =
-                local
-                    .get(&column.name)
-                    .cloned()
-                    .ok_or_else(|| ApplyError::MissingColumn {
-                        table: table.clone(),
-                        column: column.name.clone(),
-                    })?;
-            mapped.push((column.clone(), local_column));
-        }
+    ) {
+        let sync_lsn = self.sync_lsns.get(&format!("{namespace}.{name}")).copied();
         self.relations.insert(
             oid,
             Relation {
-                target: Target {
-                    schema: namespace.to_string(),
-                    table: name.to_string(),
-                },
-                columns: mapped,
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                columns: columns.to_vec(),
                 full_identity: replica_identity == b'f',
-                sync_lsn: self.sync_lsns.get(&table).copied(),
+                sync_lsn,
+                local: None,
             },
         );
-        Ok(())
-    }
-
-    fn relation_of(&self, oid: u32) -> Result<&Relation, ApplyError> {
-        self.relations
-            .get(&oid)
-            .ok_or(ApplyError::UnknownRelation(oid))
     }
 
     /// Whether changes of `oid` in a transaction committing at `commit_lsn`
-    /// were already in the table's copy.
+    /// were already in the table's copy. As tablesync.c has it, a change is
+    /// applied when the table's sync LSN is at or before the commit.
     pub fn already_copied(&self, oid: u32, commit_lsn: Lsn) -> bool {
         self.relations
             .get(&oid)
             .and_then(|r| r.sync_lsn)
-            .is_some_and(|sync| commit_lsn <= sync)
+            .is_some_and(|sync| commit_lsn < sync)
     }
 
-    fn run(&mut self, statement: Statement, values: &[Option<&[u8]>]) -> Result<u64, ApplyError> {
-        if !self.plans.contains_key(&statement.sql) {
-            let plan = spi::prepare(&statement.sql, statement.parameter_count)?;
-            self.plans.insert(statement.sql.clone(), plan);
-        }
-        let plan = &self.plans[&statement.sql];
-        Ok(spi::execute(plan, values)?)
+    /// The table name of a relation, for error context.
+    pub fn relation_name(&self, oid: u32) -> Option<String> {
+        self.relations.get(&oid).map(Relation::display_name)
     }
 
     pub fn insert(&mut self, oid: u32, new: &Tuple) -> Result<(), ApplyError> {
-        let relation = self.relation_of(oid)?;
-        let (columns, values): (Vec<&LocalColumn>, Vec<Option<&[u8]>>) = relation
-            .columns
-            .iter()
-            .zip(&new.0)
-            .map(|((_, local), value)| (local, text(value)))
-            .unzip();
-        let statement = statements::insert(&relation.target, &columns);
-        self.run(statement, &values)?;
-        Ok(())
-    }
-
-    /// The identity columns and values naming the row a change touches: the
-    /// old tuple (FULL), the key tuple (key changed), or the new tuple's keys.
-    fn identity<'r, 't>(
-        relation: &'r Relation,
-        old: Option<&'t Tuple>,
-        new: Option<&'t Tuple>,
-        what: &'static str,
-    ) -> Result<Identity<'r, 't>, ApplyError> {
-        let tuple = old.or(new).ok_or_else(|| ApplyError::NoIdentity {
-            table: relation.name(),
-            what,
-        })?;
-        let mut columns = Vec::new();
-        let mut values = Vec::new();
-        for ((remote, local), value) in relation.columns.iter().zip(&tuple.0) {
-            let part_of_identity = relation.full_identity || remote.is_key;
-            // A key tuple carries NULL for non-key columns; an old FULL tuple
-            // may carry "unchanged TOAST", which cannot be matched on.
-            if part_of_identity && !matches!(value, Value::UnchangedToast) {
-                columns.push(local);
-                values.push(text(value));
+        self.with_table(oid, |relation, local, rel| {
+            // SAFETY: inside `with_table`: a transaction, the relation open.
+            unsafe {
+                let execution = Execution::begin(rel);
+                let slot = execution.virtual_slot();
+                store(relation, local, slot, new, None)?;
+                fill_defaults(&execution, rel, local, slot);
+                execution.insert(slot);
+                execution.finish();
             }
-        }
-        if columns.is_empty() {
-            return Err(ApplyError::NoIdentity {
-                table: relation.name(),
-                what,
-            });
-        }
-        Ok((columns, values))
+            Ok(())
+        })
     }
 
     pub fn update(
@@ -235,27 +178,30 @@ impl Applier {
         key: Option<&Tuple>,
         new: &Tuple,
     ) -> Result<(), ApplyError> {
-        let relation = self.relation_of(oid)?;
-        // Unchanged TOASTed values keep the value already here.
-        let (set_columns, mut values): (Vec<&LocalColumn>, Vec<Option<&[u8]>>) = relation
-            .columns
-            .iter()
-            .zip(&new.0)
-            .filter(|(_, value)| !matches!(value, Value::UnchangedToast))
-            .map(|((_, local), value)| (local, text(value)))
-            .unzip();
-        let (identity, identity_values) =
-            Self::identity(relation, old.or(key), Some(new), "update")?;
-        values.extend(identity_values);
-        let statement = statements::update(&relation.target, &set_columns, &identity);
-        let table = relation.name();
-        if self.run(statement, &values)? == 0 {
-            return Err(ApplyError::RowNotFound {
-                table,
-                what: "update",
-            });
-        }
-        Ok(())
+        self.with_table(oid, |relation, local, rel| {
+            // SAFETY: as in insert.
+            unsafe {
+                let execution = Execution::begin(rel);
+                let search = execution.virtual_slot();
+                let compare = store(relation, local, search, old.or(key).unwrap_or(new), None)?;
+                let found = execution.table_slot();
+                if !find(
+                    relation, local, &execution, rel, search, &compare, found, "update",
+                )? {
+                    return Err(ApplyError::RowNotFound {
+                        table: relation.display_name(),
+                        what: "update",
+                    });
+                }
+                // The new row: the local row, with every column the source
+                // sent replaced (unchanged TOASTed values keep the local one).
+                let updated = execution.virtual_slot();
+                store(relation, local, updated, new, Some(found))?;
+                execution.update(found, updated);
+                execution.finish();
+            }
+            Ok(())
+        })
     }
 
     pub fn delete(
@@ -264,38 +210,332 @@ impl Applier {
         old: Option<&Tuple>,
         key: Option<&Tuple>,
     ) -> Result<(), ApplyError> {
-        let relation = self.relation_of(oid)?;
-        let (identity, values) = Self::identity(relation, old.or(key), None, "delete")?;
-        let statement = statements::delete(&relation.target, &identity);
-        let table = relation.name();
-        if self.run(statement, &values)? == 0 {
-            return Err(ApplyError::RowNotFound {
-                table,
-                what: "delete",
-            });
-        }
-        Ok(())
+        self.with_table(oid, |relation, local, rel| {
+            let Some(identity) = old.or(key) else {
+                return Err(ApplyError::NoIdentity {
+                    table: relation.display_name(),
+                    what: "delete",
+                });
+            };
+            // SAFETY: as in insert.
+            unsafe {
+                let execution = Execution::begin(rel);
+                let search = execution.virtual_slot();
+                let compare = store(relation, local, search, identity, None)?;
+                let found = execution.table_slot();
+                if !find(
+                    relation, local, &execution, rel, search, &compare, found, "delete",
+                )? {
+                    return Err(ApplyError::RowNotFound {
+                        table: relation.display_name(),
+                        what: "delete",
+                    });
+                }
+                execution.delete(found);
+                execution.finish();
+            }
+            Ok(())
+        })
     }
 
+    /// TRUNCATE of several tables at once, as the source did it. It runs as
+    /// the tables' owner when they share one (TRUNCATE triggers enabled
+    /// ALWAYS or REPLICA run then); tables of several owners are truncated
+    /// together with the worker's own rights, since a cascade must see them
+    /// all in one statement.
     pub fn truncate(
         &mut self,
         oids: &[u32],
         cascade: bool,
         restart_identity: bool,
     ) -> Result<(), ApplyError> {
-        let mut targets = Vec::new();
+        let mut names = Vec::new();
+        let mut owners = Vec::new();
         for oid in oids {
-            targets.push(self.relation_of(*oid)?.target.clone());
+            let relation = self
+                .relations
+                .get(oid)
+                .ok_or(ApplyError::UnknownRelation(*oid))?;
+            names.push(format!(
+                "{}.{}",
+                quote_ident(&relation.namespace),
+                quote_ident(&relation.name)
+            ));
+            // SAFETY: in the caller's transaction.
+            let relid = unsafe { local::find_relid(&relation.namespace, &relation.name) }
+                .ok_or_else(|| ApplyError::MissingTable(relation.display_name()))?;
+            // SAFETY: a syscache lookup of an existing relation.
+            owners.push(unsafe { relation_owner(relid) });
         }
-        if targets.is_empty() {
+        if names.is_empty() {
             return Ok(());
         }
-        spi::query(&statements::truncate(&targets, cascade, restart_identity))?;
+        owners.dedup();
+        let sql = truncate_statement(&names, cascade, restart_identity);
+        // SAFETY: SPI and the snapshot are opened and closed in the
+        // caller's transaction; the owner is restored before SPI finishes.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+        let result = spi::connect().and_then(|()| {
+            let result = {
+                let _owner = (owners.len() == 1).then(|| unsafe { AsOwner::switch(owners[0]) });
+                spi::query(&sql)
+            };
+            spi::finish();
+            result
+        });
+        // SAFETY: as above.
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommandCounterIncrement();
+        }
+        result?;
         Ok(())
     }
 
-    /// The table name of a relation, for error context.
-    pub fn relation_name(&self, oid: u32) -> Option<String> {
-        self.relations.get(&oid).map(Relation::name)
+    /// Runs `body` with the relation's local table mapped and opened
+    /// (`RowExclusiveLock`, held to commit), as the table's owner, in the
+    /// per-change memory context.
+    fn with_table(
+        &mut self,
+        oid: u32,
+        body: impl FnOnce(&Relation, &LocalTable, pg_sys::Relation) -> Result<(), ApplyError>,
+    ) -> Result<(), ApplyError> {
+        let invalidated = local::take_invalidations();
+        for relation in self.relations.values_mut() {
+            if relation
+                .local
+                .as_ref()
+                .is_some_and(|local| invalidated.covers(local.relid))
+            {
+                relation.local = None;
+            }
+        }
+        let relation = self
+            .relations
+            .get_mut(&oid)
+            .ok_or(ApplyError::UnknownRelation(oid))?;
+        // SAFETY: in the caller's transaction; the relation stays locked to
+        // commit (closed with NoLock, as worker.c's logicalrep_rel_close).
+        unsafe {
+            pg_sys::MemoryContextReset(self.change_context);
+            let relid = match &relation.local {
+                Some(local) => local.relid,
+                None => local::find_relid(&relation.namespace, &relation.name)
+                    .ok_or_else(|| ApplyError::MissingTable(relation.display_name()))?,
+            };
+            let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as i32);
+            if rel.is_null() {
+                relation.local = None;
+                return Err(ApplyError::MissingTable(relation.display_name()));
+            }
+            // Opening took the lock, which processed pending invalidations.
+            if local::take_invalidations().covers(relid) {
+                relation.local = None;
+            }
+            if relation.local.is_none() {
+                match LocalTable::build(
+                    rel,
+                    &relation.display_name(),
+                    &relation.columns,
+                    relation.full_identity,
+                ) {
+                    Ok(local) => relation.local = Some(local),
+                    Err(error) => {
+                        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                        return Err(error.into());
+                    }
+                }
+            }
+            let relation: &Relation = relation;
+            let Some(local) = relation.local.as_ref() else {
+                return Err(ApplyError::MissingTable(relation.display_name()));
+            };
+            let previous = pg_sys::MemoryContextSwitchTo(self.change_context);
+            // A snapshot per change, as worker.c's begin_replication_step.
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            let result = {
+                let _owner = AsOwner::switch(local.owner);
+                body(relation, local, rel)
+            };
+            pg_sys::PopActiveSnapshot();
+            pg_sys::MemoryContextSwitchTo(previous);
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            pg_sys::MemoryContextReset(self.change_context);
+            // Later changes of this transaction see this one.
+            pg_sys::CommandCounterIncrement();
+            result
+        }
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`; nothing refers to it past the applier.
+        unsafe { pg_sys::MemoryContextDelete(self.change_context) };
+    }
+}
+
+/// Stores `tuple` in the virtual `slot`: the local row of `base` when given
+/// (an update's target), else NULLs, with each column the source sent set
+/// through its input function. Returns, per local column, whether the source
+/// sent a value for it (what a `REPLICA IDENTITY FULL` search compares).
+///
+/// # Safety
+/// In a transaction; `slot` a virtual slot of the relation.
+unsafe fn store(
+    relation: &Relation,
+    local: &LocalTable,
+    slot: *mut pg_sys::TupleTableSlot,
+    tuple: &Tuple,
+    base: Option<*mut pg_sys::TupleTableSlot>,
+) -> Result<Vec<bool>, ApplyError> {
+    if tuple.0.len() != local.remote_to_local.len() {
+        return Err(ApplyError::ColumnCount {
+            table: relation.display_name(),
+            got: tuple.0.len(),
+            expected: local.remote_to_local.len(),
+        });
+    }
+    pg_sys::ExecClearTuple(slot);
+    let values = (*slot).tts_values;
+    let nulls = (*slot).tts_isnull;
+    match base {
+        Some(base) => {
+            pg_sys::slot_getallattrs(base);
+            std::ptr::copy_nonoverlapping((*base).tts_values, values, local.attributes);
+            std::ptr::copy_nonoverlapping((*base).tts_isnull, nulls, local.attributes);
+        }
+        None => {
+            for position in 0..local.attributes {
+                *values.add(position) = pg_sys::Datum::from(0usize);
+                *nulls.add(position) = true;
+            }
+        }
+    }
+    let mut sent = vec![false; local.attributes];
+    for (value, position) in tuple.0.iter().zip(&local.remote_to_local) {
+        let Some(position) = *position else { continue };
+        match value {
+            Value::UnchangedToast => continue,
+            Value::Null => {
+                *values.add(position) = pg_sys::Datum::from(0usize);
+                *nulls.add(position) = true;
+            }
+            Value::Text(text) => {
+                let Some(datum) = local.input(position, text) else {
+                    continue;
+                };
+                *values.add(position) = datum;
+                *nulls.add(position) = false;
+            }
+            Value::Binary(_) => {
+                return Err(ApplyError::Binary {
+                    table: relation.display_name(),
+                })
+            }
+        }
+        sent[position] = true;
+    }
+    pg_sys::ExecStoreVirtualTuple(slot);
+    Ok(sent)
+}
+
+/// Local columns the source does not know get their default here, as
+/// worker.c's slot_fill_defaults does (a column added here ahead of the
+/// source).
+///
+/// # Safety
+/// In a transaction; `slot` stored by [`store`] for an insert.
+unsafe fn fill_defaults(
+    execution: &Execution,
+    rel: pg_sys::Relation,
+    local: &LocalTable,
+    slot: *mut pg_sys::TupleTableSlot,
+) {
+    for &position in &local.defaults {
+        let expression = pg_sys::build_column_default(rel, position as i32 + 1);
+        if expression.is_null() {
+            continue;
+        }
+        let (value, is_null) = execution.evaluate(expression.cast());
+        *(*slot).tts_values.add(position) = value;
+        *(*slot).tts_isnull.add(position) = is_null;
+    }
+}
+
+/// Finds and locks the local row a change names.
+///
+/// # Safety
+/// As [`executor::find_full`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn find(
+    relation: &Relation,
+    local: &LocalTable,
+    execution: &Execution,
+    rel: pg_sys::Relation,
+    search: *mut pg_sys::TupleTableSlot,
+    compare: &[bool],
+    found: *mut pg_sys::TupleTableSlot,
+    what: &'static str,
+) -> Result<bool, ApplyError> {
+    match &local.lookup {
+        RowLookup::IdentityIndex(index) => {
+            Ok(executor::find_by_identity_index(rel, *index, search, found))
+        }
+        RowLookup::Full { index, equalities } => Ok(executor::find_full(
+            execution,
+            index.as_ref(),
+            equalities,
+            compare,
+            search,
+            found,
+        )),
+        RowLookup::None => Err(ApplyError::NoIdentity {
+            table: relation.display_name(),
+            what,
+        }),
+    }
+}
+
+/// The owner of relation `relid`.
+///
+/// # Safety
+/// In a transaction; `relid` exists.
+unsafe fn relation_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
+    let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as i32);
+    let owner = (*(*rel).rd_rel).relowner;
+    pg_sys::relation_close(rel, pg_sys::NoLock as i32);
+    owner
+}
+
+/// `TRUNCATE ONLY` of already quoted names, with the source's options.
+fn truncate_statement(names: &[String], cascade: bool, restart_identity: bool) -> String {
+    format!(
+        "TRUNCATE ONLY {}{}{}",
+        names.join(", "),
+        if restart_identity {
+            " RESTART IDENTITY"
+        } else {
+            ""
+        },
+        if cascade { " CASCADE" } else { "" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_keeps_the_source_options() {
+        let sql = truncate_statement(
+            &["\"Sales\".\"line items\"".into(), "\"public\".\"t\"".into()],
+            true,
+            true,
+        );
+        assert_eq!(
+            sql,
+            "TRUNCATE ONLY \"Sales\".\"line items\", \"public\".\"t\" RESTART IDENTITY CASCADE"
+        );
     }
 }

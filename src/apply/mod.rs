@@ -1,10 +1,16 @@
 //! Applying the source's decoded changes to local tables.
 //!
-//! [`statements`] builds the SQL for one change (pure, unit-tested); the
-//! apply worker that streams from the slot and runs them transaction by
-//! transaction, advancing a replication origin in the same commit, builds
-//! on it.
+//! * [`applier`] keeps what the source announced about each relation and
+//!   applies one change at a time, as the table's owner;
+//! * [`local`] maps a source relation onto its local table (columns, input
+//!   functions, how rows are found) and follows local DDL;
+//! * [`executor`] makes the executor calls PostgreSQL's own apply makes;
+//! * [`spi`] runs the few statements that stay SQL (TRUNCATE, session setup).
+//!
+//! The apply worker (`worker::apply`) streams from the slot and drives the
+//! applier transaction by transaction.
 
 pub mod applier;
+mod executor;
+mod local;
 pub mod spi;
-pub mod statements;

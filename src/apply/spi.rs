@@ -1,11 +1,12 @@
-//! SPI for the apply, speaking UTF-8 to the caller and the database's own
-//! encoding to the server.
+//! SPI for the few statements the apply and verify run as SQL (TRUNCATE,
+//! session settings, fingerprints), speaking UTF-8 to the caller and the
+//! database's own encoding to the server.
 //!
 //! pgoutput sends names and text values converted to the replication
 //! connection's client encoding, UTF-8; a destination database may be LATIN1
-//! or another server encoding. Every SQL text and parameter is converted here
-//! before it reaches the server (a no-op check in a UTF-8 database), and
-//! results are converted back. Parameters are `text`; statements cast them.
+//! or another server encoding. Every SQL text is converted here before it
+//! reaches the server (a no-op check in a UTF-8 database), and results are
+//! converted back.
 //!
 //! Must run inside a transaction between [`connect`] and [`finish`].
 
@@ -18,12 +19,6 @@ use std::ffi::{CStr, CString};
 pub struct SpiFailure {
     pub what: &'static str,
     pub code: i32,
-}
-
-/// A statement prepared once and kept across transactions.
-pub struct Plan {
-    plan: pg_sys::SPIPlanPtr,
-    parameters: usize,
 }
 
 fn to_server(utf8: &[u8]) -> Vec<u8> {
@@ -80,110 +75,6 @@ pub fn connect() -> Result<(), SpiFailure> {
 pub fn finish() {
     // SAFETY: paired with `connect`.
     unsafe { pg_sys::SPI_finish() };
-}
-
-/// Prepares `sql` taking `parameters` text parameters; the plan outlives the
-/// transaction (the plan cache invalidates it on DDL).
-pub fn prepare(sql: &str, parameters: usize) -> Result<Plan, SpiFailure> {
-    let query = sql_cstring(sql);
-    let mut types = vec![pg_sys::TEXTOID; parameters];
-    // SAFETY: valid C string and argument type array; SPI is connected.
-    unsafe {
-        let plan = pg_sys::SPI_prepare(query.as_ptr(), parameters as i32, types.as_mut_ptr());
-        if plan.is_null() {
-            return Err(SpiFailure {
-                what: "prepare",
-                code: pg_sys::SPI_result,
-            });
-        }
-        let code = pg_sys::SPI_keepplan(plan);
-        if code < 0 {
-            return Err(SpiFailure {
-                what: "keepplan",
-                code,
-            });
-        }
-        Ok(Plan { plan, parameters })
-    }
-}
-
-thread_local! {
-    /// Where the parameter values of one change live; reset after each
-    /// change, so a transaction of a million rows does not accumulate them
-    /// (as worker.c resets ApplyMessageContext per message).
-    static VALUES_CONTEXT: std::cell::Cell<pg_sys::MemoryContext> =
-        const { std::cell::Cell::new(std::ptr::null_mut()) };
-}
-
-fn values_context() -> pg_sys::MemoryContext {
-    VALUES_CONTEXT.with(|cell| {
-        if cell.get().is_null() {
-            // SAFETY: a child of TopMemoryContext, created once per process.
-            let context = unsafe {
-                pg_sys::AllocSetContextCreateInternal(
-                    pg_sys::TopMemoryContext,
-                    c"cloudmig apply values".as_ptr(),
-                    pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-                    pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-                    pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-                )
-            };
-            cell.set(context);
-        }
-        cell.get()
-    })
-}
-
-/// Executes a plan with UTF-8 text values (None is NULL); returns the rows
-/// it processed.
-pub fn execute(plan: &Plan, values: &[Option<&[u8]>]) -> Result<u64, SpiFailure> {
-    let context = values_context();
-    // SAFETY: switch to the per-change context for the values and back; the
-    // executor is done with them when SPI_execute_plan returns.
-    let previous = unsafe { pg_sys::MemoryContextSwitchTo(context) };
-    let result = execute_in_current_context(plan, values);
-    unsafe {
-        pg_sys::MemoryContextSwitchTo(previous);
-        pg_sys::MemoryContextReset(context);
-    }
-    result
-}
-
-fn execute_in_current_context(plan: &Plan, values: &[Option<&[u8]>]) -> Result<u64, SpiFailure> {
-    let mut datums = Vec::with_capacity(plan.parameters);
-    let mut nulls = Vec::with_capacity(plan.parameters);
-    for index in 0..plan.parameters {
-        match values.get(index).copied().flatten() {
-            Some(value) => {
-                let server = to_server(value);
-                // SAFETY: builds a text datum in the current memory context.
-                let text = unsafe {
-                    pg_sys::cstring_to_text_with_len(
-                        server.as_ptr() as *const std::ffi::c_char,
-                        server.len() as i32,
-                    )
-                };
-                datums.push(pg_sys::Datum::from(text));
-                nulls.push(b' ' as std::ffi::c_char);
-            }
-            None => {
-                datums.push(pg_sys::Datum::from(0usize));
-                nulls.push(b'n' as std::ffi::c_char);
-            }
-        }
-    }
-    // SAFETY: arrays sized to the plan's parameter count; SPI is connected.
-    unsafe {
-        let code =
-            pg_sys::SPI_execute_plan(plan.plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0);
-        if code < 0 {
-            return Err(SpiFailure {
-                what: "execute",
-                code,
-            });
-        }
-        Ok(pg_sys::SPI_processed)
-    }
 }
 
 /// Runs `sql` (UTF-8) and returns every row as UTF-8 text values.

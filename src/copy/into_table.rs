@@ -106,6 +106,9 @@ pub fn copy_into(
             -1,
         );
         let options = pg_sys::lappend(std::ptr::null_mut(), encoding.cast());
+        // Defaults, CHECK and domain constraints, index expressions and
+        // triggers of the migrated schema run with the table owner's rights.
+        let owner = crate::owner::AsOwner::switch((*(*rel).rd_rel).relowner);
         let cstate = pg_sys::BeginCopyFrom(
             pstate,
             rel,
@@ -118,6 +121,7 @@ pub fn copy_into(
         );
         pg_sys::CopyFrom(cstate);
         pg_sys::EndCopyFrom(cstate);
+        drop(owner);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
     }
     FEED.with(|feed| {

@@ -430,8 +430,13 @@ impl Connection {
         let mut params = vec![
             ("user", user),
             ("database", dbname),
+            // Text forms every reader here parses exactly, whatever the
+            // source's configuration (as libpqwalreceiver pins them): ISO
+            // dates, postgres-style intervals, floats that round-trip.
             ("client_encoding", "UTF8"),
             ("DateStyle", "ISO"),
+            ("IntervalStyle", "postgres"),
+            ("extra_float_digits", "3"),
         ];
         if !application_name.is_empty() {
             params.push(("application_name", application_name));
@@ -1594,6 +1599,8 @@ pub(crate) mod tests {
             assert_eq!(get("application_name").as_deref(), Some("cloudmig"));
             assert_eq!(get("client_encoding").as_deref(), Some("UTF8"));
             assert_eq!(get("DateStyle").as_deref(), Some("ISO"));
+            assert_eq!(get("IntervalStyle").as_deref(), Some("postgres"));
+            assert_eq!(get("extra_float_digits").as_deref(), Some("3"));
             assert_eq!(get("replication"), None);
             s.write_all(&auth(3, &[])).unwrap();
             let (tag, body) = read_msg(&mut s);

@@ -76,14 +76,19 @@ pub fn origin_name(task_id: i64, ordinal: usize) -> String {
     format!("cloudmig_{task_id}_{ordinal}")
 }
 
-/// Reads "schema.table<TAB>lsn" lines (tables copied after a resume).
-fn read_sync_file(path: &str) -> HashMap<String, Lsn> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let (table, lsn) = line.rsplit_once('\t')?;
-            Some((table.to_string(), lsn.parse().ok()?))
+/// Reads "schema.table<TAB>lsn" lines (tables copied after a resume). The
+/// task worker always writes the file: a missing or unreadable one is an
+/// error, never "nothing to skip", which would apply copied changes twice.
+fn read_sync_file(path: &str) -> Result<HashMap<String, Lsn>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::new(format!("could not read the sync file {path}: {e}")))?;
+    text.lines()
+        .map(|line| {
+            line.rsplit_once('\t')
+                .and_then(|(table, lsn)| Some((table.to_string(), lsn.parse().ok()?)))
+                .ok_or_else(|| {
+                    Failure::new(format!("malformed line in the sync file {path}: {line:?}"))
+                })
         })
         .collect()
 }
@@ -119,7 +124,7 @@ pub extern "C-unwind" fn cloudmig_apply_main(arg: pg_sys::Datum) {
         slot.error_hint.set("");
     });
     let start = read_start_file(task_id, index);
-    if let Err(failure) = run(index, task_id, &database, Lsn(start_lsn), start) {
+    if let Err(failure) = run(index, &database, Lsn(start_lsn), start) {
         if !txn::shutdown_requested() {
             pgrx::log!("cloudmig: apply of {database} stopped: {failure}");
             update_slot(index, |slot| {
@@ -186,20 +191,86 @@ fn caught(error: CaughtError) -> Failure {
     failure
 }
 
-/// The local transaction of the source transaction being applied.
+/// The source transaction being applied.
 struct OpenTransaction {
     xid: u32,
     final_lsn: Lsn,
 }
 
+/// The local transaction: opened at the first Begin of a batch, committed
+/// when the stream has nothing more at hand, or the batch is full or old.
+/// During catch-up many small source transactions share one local commit;
+/// the origin advances to the last one's end in that same commit, so a
+/// crash replays the whole batch and nothing is applied twice or lost.
+struct Batch {
+    /// Source transactions whose Commit was applied into it.
+    transactions: u64,
+    /// Where the origin goes at the local commit.
+    end_lsn: Lsn,
+    commit_time: i64,
+    started: Instant,
+}
+
+/// The most source transactions one local commit carries.
+const BATCH_TRANSACTIONS: u64 = 1000;
+/// The longest a batch stays open, so progress and feedback keep moving.
+const BATCH_AGE: Duration = Duration::from_millis(500);
+
+/// Where the apply stands, between messages.
+struct State {
+    open: Option<OpenTransaction>,
+    batch: Option<Batch>,
+    /// (local commit end, remote end) of commits not yet known flushed here.
+    pending: VecDeque<(u64, Lsn)>,
+    applied: Lsn,
+}
+
+impl State {
+    /// Whether source transactions were applied but not committed here.
+    fn batch_waiting(&self) -> bool {
+        self.open.is_none() && self.batch.as_ref().is_some_and(|b| b.transactions > 0)
+    }
+
+    /// Commits the batch, advancing the origin in the same commit.
+    fn commit_batch(&mut self, index: usize) {
+        let Some(batch) = self.batch.take() else {
+            return;
+        };
+        // SAFETY: the origin's progress is set for this commit, as worker.c
+        // does before CommitTransactionCommand.
+        unsafe {
+            pg_sys::replorigin_session_origin_lsn = batch.end_lsn.0;
+            pg_sys::replorigin_session_origin_timestamp = batch.commit_time;
+            pg_sys::CommitTransactionCommand();
+            self.pending
+                .push_back((pg_sys::XactLastCommitEnd, batch.end_lsn));
+        }
+        self.applied = self.applied.max(batch.end_lsn);
+        update_slot(index, |slot| {
+            slot.last_commit_time = batch.commit_time;
+            slot.transactions += batch.transactions;
+        });
+    }
+
+    /// Abandons the local transaction; the origin was not advanced, so the
+    /// batch is streamed again next time.
+    fn abort(&mut self) {
+        if self.batch.take().is_some() {
+            // SAFETY: the worker's own transaction.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+        }
+        self.open = None;
+    }
+}
+
 fn run(
     index: usize,
-    task_id: i64,
     database: &str,
     slot_start: Lsn,
     start: Option<ApplyStart>,
 ) -> Result<(), Failure> {
     let start = start.ok_or_else(|| Failure::new("apply worker started without its parameters"))?;
+    let sync_lsns = read_sync_file(&start.sync_file)?;
     txn::run(|| {
         spi::connect().map_err(|e| Failure::new(e.to_string()))?;
         let result = spi::query(
@@ -235,24 +306,21 @@ fn run(
         slot.received_lsn = slot.received_lsn.max(from.0);
     });
 
-    let mut applier = Applier::new(read_sync_file(&start.sync_file));
+    let mut applier = Applier::new(sync_lsns);
     let mut decoder = Decoder::new();
-    let mut open: Option<OpenTransaction> = None;
-    // (local commit end, remote end) of commits not yet known flushed here.
-    let mut pending: VecDeque<(u64, Lsn)> = VecDeque::new();
+    let mut state = State {
+        open: None,
+        batch: None,
+        pending: VecDeque::new(),
+        applied: from,
+    };
     let mut received = from;
-    let mut applied = from;
     let mut flushed = from;
     let mut last_status = Instant::now() - STATUS_INTERVAL;
-    let _ = task_id;
 
     loop {
         if txn::shutdown_requested() {
-            if open.is_some() {
-                // SAFETY: abandon the half-applied transaction; the origin
-                // was not advanced, so it is streamed again next time.
-                unsafe { pg_sys::AbortCurrentTransaction() };
-            }
+            state.abort();
             // No CopyDone handshake: closing the connection ends the
             // walsender at once, which frees the slot for the switchover's
             // cleanup (the origin already records what was applied).
@@ -260,29 +328,32 @@ fn run(
             return Ok(());
         }
         let mut reply_requested = false;
-        match stream
-            .next(READ_WAIT)
-            .map_err(|e| Failure::from_source("replication stream", &e))?
-        {
+        // With a batch waiting, only look at what is already at hand: when
+        // nothing is, the batch commits now.
+        let wait = if state.batch_waiting() {
+            Duration::ZERO
+        } else {
+            READ_WAIT
+        };
+        let message = stream.next(wait).map_err(|e| {
+            state.abort();
+            Failure::from_source("replication stream", &e)
+        })?;
+        let got_message = message.is_some();
+        match message {
             Some(ReplicationMessage::XLogData { wal_end, data, .. }) => {
                 received = received.max(wal_end);
-                let message = decoder
-                    .decode(&data)
-                    .map_err(|e| Failure::new(format!("undecodable change: {e}")))?;
+                let message = decoder.decode(&data).map_err(|e| {
+                    state.abort();
+                    Failure::new(format!("undecodable change: {e}"))
+                })?;
                 let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
-                    handle(
-                        &mut applier,
-                        &mut open,
-                        &message,
-                        &mut pending,
-                        &mut applied,
-                        index,
-                    )
+                    handle(&mut applier, &mut state, &message, index)
                 }))
                 .catch_others(|error| Err(caught(error)))
                 .execute();
                 if let Err(mut failure) = outcome {
-                    let context = match &open {
+                    let context = match &state.open {
                         Some(transaction) => format!(
                             " (remote transaction {} committing at {}{})",
                             transaction.xid,
@@ -296,10 +367,7 @@ fn run(
                     };
                     failure.message =
                         format!("applying a change failed: {}{context}", failure.message);
-                    if open.take().is_some() {
-                        // SAFETY: as above.
-                        unsafe { pg_sys::AbortCurrentTransaction() };
-                    }
+                    state.abort();
                     return Err(failure);
                 }
             }
@@ -313,22 +381,29 @@ fn run(
             }
             None => {}
         }
+        let batch_due = state.batch.as_ref().is_some_and(|batch| {
+            batch.transactions >= BATCH_TRANSACTIONS || batch.started.elapsed() >= BATCH_AGE
+        });
+        if state.batch_waiting() && (!got_message || batch_due) {
+            state.commit_batch(index);
+        }
         // What is durably committed here, in the source's terms (get_flush_position).
         // SAFETY: reads the local WAL flush position.
         let local_flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
-        while let Some((local_end, remote_end)) = pending.front().copied() {
+        while let Some((local_end, remote_end)) = state.pending.front().copied() {
             if local_end > local_flushed {
                 break;
             }
             flushed = flushed.max(remote_end);
-            pending.pop_front();
+            state.pending.pop_front();
         }
-        let idle = open.is_none() && pending.is_empty();
+        let idle = state.open.is_none() && state.batch.is_none() && state.pending.is_empty();
         if idle {
             // Nothing of ours is in flight: everything received is done.
             flushed = flushed.max(received);
-            applied = applied.max(received);
+            state.applied = state.applied.max(received);
         }
+        let applied = state.applied;
         update_slot(index, |slot| {
             slot.received_lsn = received.0;
             slot.applied_lsn = applied.0;
@@ -342,7 +417,10 @@ fn run(
         if reply_requested || last_status.elapsed() >= STATUS_INTERVAL || idle_poll {
             stream
                 .send_status(received, flushed, applied, idle_poll)
-                .map_err(|e| Failure::from_source("could not send feedback", &e))?;
+                .map_err(|e| {
+                    state.abort();
+                    Failure::from_source("could not send feedback", &e)
+                })?;
             last_status = Instant::now();
         }
     }
@@ -361,25 +439,29 @@ fn apply_error(error: ApplyError) -> Failure {
     Failure::with_hint(error.to_string(), error.hint())
 }
 
-/// Applies one decoded message; opens and commits local transactions.
+/// Applies one decoded message; opens local transactions (batches).
 fn handle(
     applier: &mut Applier,
-    open: &mut Option<OpenTransaction>,
+    state: &mut State,
     message: &Message,
-    pending: &mut VecDeque<(u64, Lsn)>,
-    applied: &mut Lsn,
     index: usize,
 ) -> Result<(), Failure> {
     match message {
         Message::Begin { final_lsn, xid, .. } => {
-            // SAFETY: a worker's own transaction boundary.
-            unsafe {
-                pg_sys::SetCurrentStatementStartTimestamp();
-                pg_sys::StartTransactionCommand();
-                pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            if state.batch.is_none() {
+                // SAFETY: a worker's own transaction boundary.
+                unsafe {
+                    pg_sys::SetCurrentStatementStartTimestamp();
+                    pg_sys::StartTransactionCommand();
+                }
+                state.batch = Some(Batch {
+                    transactions: 0,
+                    end_lsn: *final_lsn,
+                    commit_time: 0,
+                    started: Instant::now(),
+                });
             }
-            spi::connect().map_err(|e| Failure::new(e.to_string()))?;
-            *open = Some(OpenTransaction {
+            state.open = Some(OpenTransaction {
                 xid: *xid,
                 final_lsn: *final_lsn,
             });
@@ -388,24 +470,12 @@ fn handle(
             end_lsn,
             commit_time,
             ..
-        } if open.is_some() => {
-            {
-                *open = None;
-                spi::finish();
-                // SAFETY: the origin's progress is set for this commit, as
-                // worker.c does before CommitTransactionCommand.
-                unsafe {
-                    pg_sys::replorigin_session_origin_lsn = end_lsn.0;
-                    pg_sys::replorigin_session_origin_timestamp = *commit_time;
-                    pg_sys::PopActiveSnapshot();
-                    pg_sys::CommitTransactionCommand();
-                    pending.push_back((pg_sys::XactLastCommitEnd, *end_lsn));
-                }
-                *applied = (*applied).max(*end_lsn);
-                update_slot(index, |slot| {
-                    slot.last_commit_time = *commit_time;
-                    slot.transactions += 1;
-                });
+        } if state.open.is_some() => {
+            state.open = None;
+            if let Some(batch) = state.batch.as_mut() {
+                batch.transactions += 1;
+                batch.end_lsn = *end_lsn;
+                batch.commit_time = *commit_time;
             }
         }
         Message::Relation {
@@ -415,12 +485,8 @@ fn handle(
             replica_identity,
             columns,
             ..
-        } => {
-            applier
-                .relation(*oid, namespace, name, *replica_identity, columns)
-                .map_err(apply_error)?;
-        }
-        Message::Insert { relation, new, .. } if !skip(applier, open, *relation) => {
+        } => applier.relation(*oid, namespace, name, *replica_identity, columns),
+        Message::Insert { relation, new, .. } if !skip(applier, state, *relation) => {
             applier.insert(*relation, new).map_err(apply_error)?;
         }
         Message::Update {
@@ -429,14 +495,14 @@ fn handle(
             key,
             new,
             ..
-        } if !skip(applier, open, *relation) => {
+        } if !skip(applier, state, *relation) => {
             applier
                 .update(*relation, old.as_ref(), key.as_ref(), new)
                 .map_err(apply_error)?;
         }
         Message::Delete {
             relation, old, key, ..
-        } if !skip(applier, open, *relation) => {
+        } if !skip(applier, state, *relation) => {
             applier
                 .delete(*relation, old.as_ref(), key.as_ref())
                 .map_err(apply_error)?;
@@ -450,13 +516,18 @@ fn handle(
             let relations: Vec<u32> = relations
                 .iter()
                 .copied()
-                .filter(|oid| !skip(applier, open, *oid))
+                .filter(|oid| !skip(applier, state, *oid))
                 .collect();
             applier
                 .truncate(&relations, *cascade, *restart_identity)
                 .map_err(apply_error)?;
         }
         Message::Message { prefix, lsn, .. } if prefix == MESSAGE_PREFIX => {
+            // The switchover's marker: everything before it must be
+            // committed here before the marker counts as seen.
+            if state.batch_waiting() {
+                state.commit_batch(index);
+            }
             update_slot(index, |slot| {
                 slot.fence_seen_lsn = slot.fence_seen_lsn.max(lsn.0)
             });
@@ -472,7 +543,9 @@ fn handle(
 }
 
 /// A change to a table whose copy already contains it (resumed copy).
-fn skip(applier: &Applier, open: &Option<OpenTransaction>, relation: u32) -> bool {
-    open.as_ref()
+fn skip(applier: &Applier, state: &State, relation: u32) -> bool {
+    state
+        .open
+        .as_ref()
         .is_some_and(|t| applier.already_copied(relation, t.final_lsn))
 }

@@ -3,7 +3,8 @@
 //! It owns the life of real PostgreSQL clusters started for tests: a *source* (wal_level=logical)
 //! and a *destination* (cloudmig preloaded and created), a SQL client for each, and
 //! [`poll_until`] to wait for an asynchronous outcome instead of sleeping; [`compare`] tells
-//! whether a destination holds what its source does, and [`fixture`] loads test data.
+//! whether a destination holds what its source does, [`fixture`] loads test data, and
+//! [`migration`] drives a task (start, wait for a phase, wait for the apply to catch up).
 //!
 //! Invariants:
 //! - every server the harness starts is stopped by [`Cluster`]'s `Drop`, also when a test panics;
@@ -18,6 +19,7 @@
 mod cluster;
 pub mod compare;
 pub mod fixture;
+pub mod migration;
 mod pgbin;
 mod poll;
 mod workdir;

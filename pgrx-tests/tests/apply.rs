@@ -2,6 +2,7 @@
 //! applied exactly once; then a switchover cuts over and reports downtime.
 
 use cloudmig_e2e::compare::{assert_same_data, assert_same_sequences};
+use cloudmig_e2e::migration::{self, caught_up, events, wait_phase as wait};
 use cloudmig_e2e::{poll_until, Cluster, ClusterBuilder};
 use std::time::Duration;
 
@@ -33,60 +34,7 @@ const APP_SQL: &str = "
 ";
 
 fn start_task(dest: &Cluster, source: &Cluster) -> i64 {
-    let mut client = dest.client("postgres");
-    let conninfo = source.tcp_conninfo("postgres", None, "postgres");
-    let assessment: i64 = client
-        .query_one("SELECT cloudmig.assess($1)", &[&conninfo])
-        .unwrap()
-        .get(0);
-    client
-        .query_one(
-            "SELECT cloudmig.start($1, '{\"replica_identity_full\": true}')",
-            &[&assessment],
-        )
-        .unwrap_or_else(|e| panic!("start: {e:?}"))
-        .get(0)
-}
-
-fn wait(dest: &Cluster, task: i64, phase: &str) {
-    let reached: String = dest
-        .client("postgres")
-        .query_one(
-            "SELECT cloudmig.wait($1, $2, '3 minutes')",
-            &[&task, &phase],
-        )
-        .unwrap_or_else(|e| panic!("wait {phase}: {e:?}\n{}", dest.log_tail(30)))
-        .get(0);
-    assert_eq!(reached, phase, "{}", events(dest, task));
-}
-
-fn events(dest: &Cluster, task: i64) -> String {
-    dest.client("postgres")
-        .query(
-            "SELECT kind || ': ' || message FROM cloudmig.events WHERE task_id = $1 ORDER BY id",
-            &[&task],
-        )
-        .map(|rows| {
-            rows.iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .unwrap_or_default()
-}
-
-/// Waits until every database applied everything the source has now.
-fn caught_up(source: &Cluster, dest: &Cluster, task: i64) {
-    let target: String = source.query_scalar("postgres", "SELECT pg_current_wal_lsn()::text");
-    poll_until(
-        dest,
-        "postgres",
-        &format!(
-            "SELECT bool_and(applied_lsn::pg_lsn >= '{target}'::pg_lsn) FROM cloudmig.apply_progress WHERE task_id = {task}"
-        ),
-        "t",
-        TIMEOUT,
-    );
+    migration::start_task(dest, source, "{\"replica_identity_full\": true}")
 }
 
 #[test]

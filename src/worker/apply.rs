@@ -244,6 +244,8 @@ impl State {
             pg_sys::CommitTransactionCommand();
             self.pending
                 .push_back((pg_sys::XactLastCommitEnd, batch.end_lsn));
+            // Table statistics (pg_stat_user_tables) of what was applied.
+            pg_sys::pgstat_report_stat(false);
         }
         self.applied = self.applied.max(batch.end_lsn);
         update_slot(index, |slot| {
@@ -398,6 +400,11 @@ fn run(
             state.pending.pop_front();
         }
         let idle = state.open.is_none() && state.batch.is_none() && state.pending.is_empty();
+        if !got_message && state.batch.is_none() {
+            // Quiet: statistics held back by pgstat's rate limit go out now.
+            // SAFETY: outside a transaction, as worker.c calls it.
+            unsafe { pg_sys::pgstat_report_stat(true) };
+        }
         if idle {
             // Nothing of ours is in flight: everything received is done.
             flushed = flushed.max(received);

@@ -336,19 +336,48 @@ fn an_apply_conflict_stops_with_the_relation_and_transaction() {
 
 #[test]
 fn pgbench_writing_through_copy_apply_and_switchover_loses_nothing() {
+    // Two databases under pgbench, and mixed DML on keyless rows beside it, from before the
+    // start until the switchover's fence ends the sessions.
+    let databases = ["bench", "shop"];
     let source = ClusterBuilder::source("bench-apply-src")
         .init_sql("CREATE DATABASE bench")
+        .init_sql("CREATE DATABASE shop")
         .start();
-    let mut init = source.command("pgbench");
-    init.args(["-i", "-s", "2", "-q", "bench"]);
-    assert!(init.output().expect("pgbench -i").status.success());
+    for db in databases {
+        let mut init = source.command("pgbench");
+        init.args(["-i", "-s", "2", "-q", db]);
+        assert!(init.output().expect("pgbench -i").status.success());
+    }
+    source.execute(
+        "shop",
+        "CREATE TABLE notes (at timestamptz DEFAULT now(), body text, n int);
+         INSERT INTO notes (body, n) SELECT 'seed ' || i, i FROM generate_series(1, 1000) i;",
+    );
     let dest = ClusterBuilder::destination("bench-apply-dst").start();
-    // Writes run from before the start until the switchover ends their sessions.
-    let mut bench = source.command("pgbench");
-    bench.args([
-        "-n", "-c", "2", "-j", "2", "-R", "500", "-T", "120", "bench",
-    ]);
-    let load = std::thread::spawn(move || bench.output());
+    let loads: Vec<_> = databases
+        .iter()
+        .map(|db| {
+            let mut bench = source.command("pgbench");
+            bench.args(["-n", "-c", "2", "-j", "1", "-R", "250", "-T", "120", db]);
+            std::thread::spawn(move || bench.output())
+        })
+        .collect();
+    let mixed = {
+        let mut client = source.client("shop");
+        std::thread::spawn(move || {
+            // Ends with an error when the fence terminates the session.
+            for i in 0.. {
+                let step = client.batch_execute(&format!(
+                    "INSERT INTO notes (body, n) VALUES ('note {i}', {i}), ('note {i}', {i});
+                     UPDATE notes SET body = body || '+' WHERE n = {i} - 7;
+                     DELETE FROM notes WHERE ctid = (SELECT ctid FROM notes WHERE n = {i} - 3 LIMIT 1);"
+                ));
+                if step.is_err() {
+                    break;
+                }
+            }
+        })
+    };
     poll_until(
         &source,
         "bench",
@@ -362,7 +391,7 @@ fn pgbench_writing_through_copy_apply_and_switchover_loses_nothing() {
         &dest,
         "postgres",
         &format!(
-            "SELECT sum(transactions) > 100 FROM cloudmig.apply_progress WHERE task_id = {task}"
+            "SELECT bool_and(transactions > 100) FROM cloudmig.apply_progress WHERE task_id = {task}"
         ),
         "t",
         TIMEOUT,
@@ -373,11 +402,16 @@ fn pgbench_writing_through_copy_apply_and_switchover_loses_nothing() {
             &[&task],
         )
         .unwrap_or_else(|e| panic!("switchover: {e:?}\n{}", events(&dest, task)));
-    // pgbench's sessions were ended by the fence; it exits on its own.
-    let _ = load.join();
-    assert_same_data(&source, &dest, "bench");
-    assert_same_sequences(&source, &dest, "bench");
-    let balances = "SELECT sum(abalance)::text || '/' || (SELECT sum(delta) FROM pgbench_history)::text FROM pgbench_accounts";
-    let on_dest: String = dest.query_scalar("bench", balances);
-    assert_eq!(on_dest, source.query_scalar::<String>("bench", balances));
+    // The writers' sessions were ended by the fence; they stop on their own.
+    for load in loads {
+        let _ = load.join();
+    }
+    let _ = mixed.join();
+    for db in databases {
+        assert_same_data(&source, &dest, db);
+        assert_same_sequences(&source, &dest, db);
+        let balances = "SELECT sum(abalance)::text || '/' || (SELECT sum(delta) FROM pgbench_history)::text FROM pgbench_accounts";
+        let on_dest: String = dest.query_scalar(db, balances);
+        assert_eq!(on_dest, source.query_scalar::<String>(db, balances));
+    }
 }

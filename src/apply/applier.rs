@@ -292,15 +292,13 @@ impl Applier {
         Ok(())
     }
 
-    /// Runs `body` with the relation's local table mapped and opened
-    /// (`RowExclusiveLock`, held to commit), as the table's owner, in the
-    /// per-change memory context.
-    fn with_table(
-        &mut self,
-        oid: u32,
-        body: impl FnOnce(&Relation, &LocalTable, pg_sys::Relation) -> Result<(), ApplyError>,
-    ) -> Result<(), ApplyError> {
+    /// Drops the local mapping of every table the relation cache said
+    /// changed, so the next change maps it afresh.
+    fn forget_invalidated(&mut self) {
         let invalidated = local::take_invalidations();
+        if matches!(invalidated, local::Invalidations::Nothing) {
+            return;
+        }
         for relation in self.relations.values_mut() {
             if relation
                 .local
@@ -310,6 +308,17 @@ impl Applier {
                 relation.local = None;
             }
         }
+    }
+
+    /// Runs `body` with the relation's local table mapped and opened
+    /// (`RowExclusiveLock`, held to commit), as the table's owner, in the
+    /// per-change memory context.
+    fn with_table(
+        &mut self,
+        oid: u32,
+        body: impl FnOnce(&Relation, &LocalTable, pg_sys::Relation) -> Result<(), ApplyError>,
+    ) -> Result<(), ApplyError> {
+        self.forget_invalidated();
         let relation = self
             .relations
             .get_mut(&oid)
@@ -329,8 +338,13 @@ impl Applier {
                 return Err(ApplyError::MissingTable(relation.display_name()));
             }
             // Opening took the lock, which processed pending invalidations.
-            if local::take_invalidations().covers(relid) {
+            let invalidations = local::take_invalidations();
+            if invalidations.covers(relid) {
                 relation.local = None;
+            }
+            if !matches!(invalidations, local::Invalidations::Nothing) {
+                // Others changed too: forget them at the next change.
+                local::invalidate_again(invalidations);
             }
             if relation.local.is_none() {
                 match LocalTable::build(

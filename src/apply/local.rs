@@ -269,6 +269,18 @@ pub fn take_invalidations() -> Invalidations {
     })
 }
 
+/// Puts back what [`take_invalidations`] took, for the next look.
+pub fn invalidate_again(invalidations: Invalidations) {
+    INVALIDATED.with(|cell| {
+        let mut current = cell.borrow_mut();
+        match (invalidations, current.as_mut()) {
+            (Invalidations::Nothing, _) | (_, None) => {}
+            (Invalidations::All, Some(_)) => *current = None,
+            (Invalidations::Some(set), Some(pending)) => pending.extend(set),
+        }
+    });
+}
+
 /// What [`take_invalidations`] found.
 pub enum Invalidations {
     Nothing,

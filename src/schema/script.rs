@@ -1,15 +1,21 @@
 //! pg_dump's plain-format output, made runnable inside the server.
 //!
 //! pg_dump writes a psql script: SQL statements plus a few psql
-//! meta-commands (`\connect`, and since 15.14 `\restrict`/`\unrestrict`
-//! around the whole script). The script is cut by [`super::lexer`], which
-//! reads it as psql and the server do, so text inside a literal, identifier,
-//! comment or function body is never taken for a meta-command or a statement
-//! end, whatever an object's owner put there. Then:
-//! * `\restrict`/`\unrestrict` are dropped; the first `\connect` marks where
+//! meta-commands (`\connect`, preceded by `\encoding SQL_ASCII` when the
+//! database name is more than ASCII letters, digits, `_` and `.`; and since
+//! 15.14 `\restrict`/`\unrestrict` around the whole script). The script is
+//! cut by [`super::lexer`], which reads it as psql and the server do, so text
+//! inside a literal, identifier, comment or function body is never taken for
+//! a meta-command or a statement end, whatever an object's owner put there.
+//! Then:
+//! * `\restrict`/`\unrestrict` and `\encoding SQL_ASCII` are dropped (the
+//!   latter only makes psql pass the next `\connect`'s name through as is;
+//!   the script is UTF-8 and read as such); the first `\connect` marks where
 //!   the statements about the database itself (run in the control database)
-//!   end and those inside it begin;
-//! * any other meta-command, a second `\connect`, or a statement turning
+//!   end and those inside it begin; a later `\connect` to the same target
+//!   (pg_dump reconnects after ALTER DATABASE ... SET, so the settings apply
+//!   to the rest) changes nothing and is dropped;
+//! * any other meta-command, a `\connect` elsewhere, or a statement turning
 //!   standard_conforming_strings off is refused: pg_dump writes none of them
 //!   here (the dump runs with standard_conforming_strings on, see `dump`),
 //!   so one appearing means the script is not what it seems;
@@ -24,7 +30,7 @@ pub enum ScriptError {
     Lex(#[from] LexError),
     #[error("unexpected psql meta-command \\{name} at line {line}")]
     UnexpectedMetaCommand { name: String, line: usize },
-    #[error("unexpected second \\connect at line {line}")]
+    #[error("unexpected \\connect to another database at line {line}")]
     SecondConnect { line: usize },
     #[error("the script turns standard_conforming_strings off")]
     StandardStringsOff,
@@ -62,26 +68,31 @@ pub struct SplitScript {
 pub fn split(script: &str) -> Result<SplitScript, ScriptError> {
     let mut before = Vec::new();
     let mut after = Vec::new();
-    let mut seen_connect = false;
+    // The first \connect's arguments: where the statements after it run.
+    let mut connected_to: Option<String> = None;
     for item in lexer::lex(script)? {
         match item {
             Item::Statement(statement) => {
                 refuse_standard_strings_off(&statement)?;
-                if seen_connect {
+                if connected_to.is_some() {
                     after.push(statement);
                 } else {
                     before.push(statement);
                 }
             }
-            Item::MetaCommand { name, line, .. } => match name.as_str() {
+            Item::MetaCommand { name, args, line } => match name.as_str() {
                 "restrict" | "unrestrict" => {}
-                "connect" | "c" if !seen_connect => seen_connect = true,
-                "connect" | "c" => return Err(ScriptError::SecondConnect { line }),
+                "encoding" if args == "SQL_ASCII" => {}
+                "connect" | "c" => match &connected_to {
+                    None => connected_to = Some(args),
+                    Some(target) if *target == args => {}
+                    Some(_) => return Err(ScriptError::SecondConnect { line }),
+                },
                 _ => return Err(ScriptError::UnexpectedMetaCommand { name, line }),
             },
         }
     }
-    if !seen_connect {
+    if connected_to.is_none() {
         after = std::mem::take(&mut before);
     }
     Ok(SplitScript {
@@ -174,9 +185,15 @@ mod tests {
         CREATE DATABASE \"Sales & Ops\" WITH TEMPLATE = template0 ENCODING = 'UTF8' LOCALE_PROVIDER = libc LOCALE = 'C';\n\
         ALTER DATABASE \"Sales & Ops\" OWNER TO alice;\n\
         \\unrestrict abc123\n\
+        \\encoding SQL_ASCII\n\
         \\connect -reuse-previous=on \"dbname='Sales & Ops'\"\n\
         \\restrict abc123\n\
         SET statement_timeout = 0;\n\
+        ALTER DATABASE \"Sales & Ops\" SET work_mem TO '12MB';\n\
+        \\unrestrict abc123\n\
+        \\encoding SQL_ASCII\n\
+        \\connect -reuse-previous=on \"dbname='Sales & Ops'\"\n\
+        \\restrict abc123\n\
         CREATE TABLE public.t (\n    id integer\n);\n\
         \\unrestrict abc123\n";
 
@@ -187,7 +204,9 @@ mod tests {
         assert!(split.before_connect[2].starts_with("CREATE DATABASE"));
         assert_eq!(
             split.after_connect,
-            "SET statement_timeout = 0;\nCREATE TABLE public.t (\n    id integer\n);\n"
+            "SET statement_timeout = 0;\n\
+             ALTER DATABASE \"Sales & Ops\" SET work_mem TO '12MB';\n\
+             CREATE TABLE public.t (\n    id integer\n);\n"
         );
     }
 
@@ -261,8 +280,15 @@ mod tests {
                 },
             ),
             (
-                "\\connect a\nSELECT 1;\n\\connect b\nSELECT 2;\n",
-                ScriptError::SecondConnect { line: 3 },
+                "\\encoding SJIS\n\\connect a\nSELECT 1;\n",
+                ScriptError::UnexpectedMetaCommand {
+                    name: "encoding".into(),
+                    line: 1,
+                },
+            ),
+            (
+                "\\connect a\nSELECT 1;\n\\connect a\n\\connect b\nSELECT 2;\n",
+                ScriptError::SecondConnect { line: 4 },
             ),
             (
                 "SET standard_conforming_strings = off;\nSELECT 'a\\'';\n",

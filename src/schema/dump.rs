@@ -55,6 +55,10 @@ pub fn run(
         // `execute::run_utf8`, which converts to the local encoding.
         .arg("--encoding=UTF8")
         .arg(format!("--dbname={}", info.for_client_program(dbname)))
+        // The script is cut into statements with standard_conforming_strings
+        // on (schema::lexer): have pg_dump write it so whatever the source's
+        // database or role settings say, which a client option outranks.
+        .env("PGOPTIONS", "-c standard_conforming_strings=on")
         .env_remove("PGPASSWORD")
         .env_remove("PGSERVICE")
         .stdin(Stdio::null())

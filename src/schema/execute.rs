@@ -17,6 +17,7 @@ pub fn run_utf8(sql: &str) -> Result<(), pgrx::spi::Error> {
     if sql.trim().is_empty() {
         return Ok(());
     }
+    standard_strings_on()?;
     let utf8 = CString::new(sql.replace('\0', "")).unwrap_or_default();
     // SAFETY: pg_any_to_server returns its input or a palloc'd converted
     // copy, NUL-terminated; SPI is connected and finished around the call on
@@ -36,6 +37,16 @@ pub fn run_utf8(sql: &str) -> Result<(), pgrx::spi::Error> {
     Ok(())
 }
 
+/// Sets standard_conforming_strings on until the end of the transaction.
+/// The text is cut into statements by `schema::lexer` with it on (pg_dump
+/// runs with it on, see `dump`), and the server parses a whole SPI string
+/// up front with the value in force: were it off (a database setting copied
+/// from the source, say), a literal ending in a backslash would end later
+/// than the lexer saw, and text inside it could run as SQL.
+fn standard_strings_on() -> Result<(), pgrx::spi::Error> {
+    Spi::run("SELECT pg_catalog.set_config('standard_conforming_strings', 'on', true)")
+}
+
 /// Runs a whole script (several statements) in this database: see [`run_utf8`].
 pub fn script(sql: &str) -> Result<(), pgrx::spi::Error> {
     run_utf8(sql)
@@ -46,6 +57,9 @@ pub fn script(sql: &str) -> Result<(), pgrx::spi::Error> {
 /// Must be called in a transaction that is not a transaction block (a
 /// background worker's own StartTransactionCommand is one).
 pub fn toplevel_utility(sql: &str) {
+    if let Err(e) = standard_strings_on() {
+        pgrx::error!("cloudmig: could not set standard_conforming_strings: {e}");
+    }
     let utf8 = CString::new(sql.replace('\0', "")).unwrap_or_default();
     // SAFETY: as in run_utf8; copied out at once.
     let query = unsafe {

@@ -6,68 +6,77 @@
 //! else (new roles, their attributes, settings, comments, and memberships) is
 //! kept, one statement per entry so a failure names the statement.
 
+use super::lexer::{leading_tokens, Token};
+use super::script::{self, leading_words, ScriptError};
 use std::collections::HashSet;
 
-/// The statements of a roles dump that concern roles not in `existing`.
-pub fn statements_for_new_roles(dump: &str, existing: &HashSet<String>) -> Vec<String> {
+/// The statements of a roles dump that concern roles not in `existing`,
+/// each byte for byte (a setting or comment spanning lines stays whole).
+/// Session SETs and the `set_config` SELECT are dropped (any SELECT: the
+/// dump has no other, and none is needed to create roles); a dump that does not
+/// read as pg_dumpall writes it is refused (see `script`).
+pub fn statements_for_new_roles(
+    dump: &str,
+    existing: &HashSet<String>,
+) -> Result<Vec<String>, ScriptError> {
     let mut out = Vec::new();
-    for line in dump.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with("--") || line.starts_with('\\') {
+    for statement in script::statements(dump)? {
+        let words = leading_words(&statement, 4);
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        if matches!(
+            words.as_slice(),
+            ["SET", ..] | ["RESET", ..] | ["SELECT", ..]
+        ) {
             continue;
         }
-        let upper = line.to_ascii_uppercase();
-        if upper.starts_with("SET ") || upper.starts_with("SELECT PG_CATALOG.SET_CONFIG") {
-            continue;
-        }
-        let subject = ["CREATE ROLE ", "ALTER ROLE ", "COMMENT ON ROLE "]
-            .iter()
-            .find(|prefix| upper.starts_with(*prefix))
-            .and_then(|prefix| parse_identifier(&line[prefix.len()..]));
-        if let Some(role) = subject {
+        if let Some(role) = subject_role(&statement) {
             if existing.contains(&role) {
                 continue;
             }
         }
-        out.push(line.to_string());
+        out.push(statement);
     }
-    out
+    Ok(out)
 }
 
 /// The role names a roles dump creates.
-pub fn created_roles(dump: &str) -> Vec<String> {
-    dump.lines()
-        .filter_map(|line| line.trim().strip_prefix("CREATE ROLE "))
-        .filter_map(parse_identifier)
-        .collect()
+pub fn created_roles(dump: &str) -> Result<Vec<String>, ScriptError> {
+    Ok(script::statements(dump)?
+        .iter()
+        .filter_map(|statement| match leading_tokens(statement, 3).as_slice() {
+            [Token::Word(create), Token::Word(role), name]
+                if create.eq_ignore_ascii_case("CREATE") && role.eq_ignore_ascii_case("ROLE") =>
+            {
+                identifier(name)
+            }
+            _ => None,
+        })
+        .collect())
 }
 
-/// Reads one SQL identifier at the start of `text`: a double-quoted one
-/// (with `""` escapes) or a plain one (folded to lower case, as the server does).
-pub fn parse_identifier(text: &str) -> Option<String> {
-    let text = text.trim_start();
-    if let Some(rest) = text.strip_prefix('"') {
-        let mut name = String::new();
-        let mut chars = rest.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == '"' {
-                if chars.peek() == Some(&'"') {
-                    chars.next();
-                    name.push('"');
-                } else {
-                    return Some(name);
-                }
-            } else {
-                name.push(c);
-            }
-        }
-        None
+/// The role a `CREATE ROLE`, `ALTER ROLE` or `COMMENT ON ROLE` statement
+/// is about.
+fn subject_role(statement: &str) -> Option<String> {
+    let tokens = leading_tokens(statement, 4);
+    let is = |i: usize, word: &str| matches!(tokens.get(i), Some(Token::Word(w)) if w.eq_ignore_ascii_case(word));
+    let at = if (is(0, "CREATE") || is(0, "ALTER")) && is(1, "ROLE") {
+        2
+    } else if is(0, "COMMENT") && is(1, "ON") && is(2, "ROLE") {
+        3
     } else {
-        let name: String = text
-            .chars()
-            .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '$')
-            .collect();
-        (!name.is_empty()).then(|| name.to_lowercase())
+        return None;
+    };
+    tokens.get(at).and_then(identifier)
+}
+
+/// The name a token stands for as an identifier: a quoted one as written, a
+/// plain one folded to lower case as the server folds it (ASCII only, in a
+/// multi-byte encoding).
+fn identifier(token: &Token) -> Option<String> {
+    match token {
+        Token::QuotedIdent(name) => Some(name.clone()),
+        Token::Word(word) => Some(word.to_ascii_lowercase()),
+        _ => None,
     }
 }
 
@@ -91,7 +100,7 @@ mod tests {
     #[test]
     fn existing_roles_are_left_alone() {
         let existing: HashSet<String> = ["postgres".to_string()].into();
-        let statements = statements_for_new_roles(DUMP, &existing);
+        let statements = statements_for_new_roles(DUMP, &existing).unwrap();
         assert_eq!(statements.len(), 6, "{statements:#?}");
         assert!(statements.iter().all(|s| !s.contains("ROLE postgres")));
         assert!(statements.contains(&"GRANT alice TO postgres GRANTED BY postgres;".to_string()));
@@ -102,15 +111,46 @@ mod tests {
 
     #[test]
     fn identifiers_parse_like_the_server() {
-        assert_eq!(parse_identifier("Alice;").as_deref(), Some("alice"));
         assert_eq!(
-            parse_identifier("\"Bob \"\"the\"\" Builder\";").as_deref(),
+            subject_role("ALTER ROLE Alice WITH LOGIN;").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            subject_role("COMMENT ON ROLE \"Bob \"\"the\"\" Builder\" IS 'x';").as_deref(),
             Some("Bob \"the\" Builder")
         );
-        assert_eq!(parse_identifier("\"unterminated"), None);
+        assert_eq!(subject_role("GRANT a TO b;"), None);
         assert_eq!(
-            created_roles(DUMP),
+            created_roles(DUMP).unwrap(),
             vec!["alice", "Bob \"the\" Builder", "postgres"]
         );
+    }
+
+    /// Settings and comments spanning lines, holding quotes, backslashes and
+    /// psql syntax, come out whole; one about an existing role is dropped
+    /// whole, not line by line.
+    #[test]
+    fn multi_line_settings_and_comments_stay_whole() {
+        let setting = "ALTER ROLE alice SET search_path TO 'a''\\b\n\\c x\n;c', '$$';";
+        let comment =
+            "COMMENT ON ROLE alice IS 'line1\n\\restrict k\nALTER ROLE alice SUPERUSER;\n''';";
+        let theirs = "COMMENT ON ROLE postgres IS 'x\nCREATE ROLE sneaky;\n';";
+        let dump = format!(
+            "\\restrict k\nSET standard_conforming_strings = on;\n\
+             CREATE ROLE alice;\n{setting}\n{comment}\n{theirs}\n\\unrestrict k\n"
+        );
+        let existing: HashSet<String> = ["postgres".to_string()].into();
+        assert_eq!(
+            statements_for_new_roles(&dump, &existing).unwrap(),
+            vec!["CREATE ROLE alice;", setting, comment]
+        );
+        assert_eq!(created_roles(&dump).unwrap(), vec!["alice"]);
+    }
+
+    #[test]
+    fn a_dump_with_other_meta_commands_is_refused() {
+        let existing = HashSet::new();
+        assert!(statements_for_new_roles("CREATE ROLE a;\n\\! id\n", &existing).is_err());
+        assert!(statements_for_new_roles("COMMENT ON ROLE a IS 'x;\n", &existing).is_err());
     }
 }

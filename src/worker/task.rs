@@ -341,8 +341,15 @@ impl Runner {
                     .collect::<Result<HashSet<String>, _>>()
             })
         })?;
-        let statements = roles::statements_for_new_roles(&dump, &existing);
+        let refused = |e: script::ScriptError| {
+            Stop::Failed(Failure::with_hint(
+                format!("roles dump refused: {e}"),
+                e.hint(),
+            ))
+        };
+        let statements = roles::statements_for_new_roles(&dump, &existing).map_err(refused)?;
         let created: Vec<String> = roles::created_roles(&dump)
+            .map_err(refused)?
             .into_iter()
             .filter(|r| !existing.contains(r))
             .collect();
@@ -579,7 +586,12 @@ impl Runner {
                 ],
                 &datname,
             )?;
-            let split = script::split(&dump);
+            let split = script::split(&dump).map_err(|e| {
+                Stop::Failed(Failure::with_hint(
+                    format!("pre-data schema dump of {datname} refused: {e}"),
+                    e.hint(),
+                ))
+            })?;
             if database.state == "pending" {
                 for statement in script::database_statements(&split.before_connect) {
                     let creates = statement
@@ -760,10 +772,14 @@ impl Runner {
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let dump = self.dump("pg_dump", &args, &datname)?;
-            let path = self.write_script(
-                &format!("post-data-{ordinal}.sql"),
-                &script::split(&dump).after_connect,
-            )?;
+            let split = script::split(&dump).map_err(|e| {
+                Stop::Failed(Failure::with_hint(
+                    format!("post-data schema dump of {datname} refused: {e}"),
+                    e.hint(),
+                ))
+            })?;
+            let path =
+                self.write_script(&format!("post-data-{ordinal}.sql"), &split.after_connect)?;
             let jobs = vec![
                 Job {
                     kind: JobKind::ApplyScript,

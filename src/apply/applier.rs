@@ -87,9 +87,52 @@ impl Relation {
     }
 }
 
+/// A table opened for the current local transaction: locked, its indexes
+/// open, its executor state and slots made at its first change and reused
+/// by every later one (opening and closing them per change was most of the
+/// cost of a small change).
+struct OpenTable {
+    rel: pg_sys::Relation,
+    execution: Execution,
+    /// The row a change names (identity or old values).
+    search: *mut pg_sys::TupleTableSlot,
+    /// The new row of an insert or update.
+    new: *mut pg_sys::TupleTableSlot,
+    /// The local row found and locked.
+    found: *mut pg_sys::TupleTableSlot,
+    /// A scan's current row (REPLICA IDENTITY FULL).
+    candidate: *mut pg_sys::TupleTableSlot,
+}
+
+impl OpenTable {
+    /// # Safety
+    /// In a transaction; `rel` open and locked `RowExclusiveLock`.
+    unsafe fn new(rel: pg_sys::Relation) -> Self {
+        let execution = Execution::begin(rel);
+        OpenTable {
+            rel,
+            search: execution.virtual_slot(),
+            new: execution.virtual_slot(),
+            found: execution.table_slot(),
+            candidate: execution.table_slot(),
+            execution,
+        }
+    }
+
+    /// # Safety
+    /// In the transaction that opened it, before it commits.
+    unsafe fn close(self) {
+        self.execution.close();
+        // The lock is held to commit, as worker.c's logicalrep_rel_close.
+        pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
+    }
+}
+
 /// The per-database applier.
 pub struct Applier {
     relations: HashMap<u32, Relation>,
+    /// Tables opened in the current local transaction, by source relation.
+    open: HashMap<u32, OpenTable>,
     /// "schema.table" -> LSN its rows were copied at, when later than the
     /// slot's start (a resumed copy); see the task worker's module doc.
     sync_lsns: HashMap<String, Lsn>,
@@ -112,6 +155,7 @@ impl Applier {
         };
         Self {
             relations: HashMap::new(),
+            open: HashMap::new(),
             sync_lsns,
             change_context,
         }
@@ -128,6 +172,11 @@ impl Applier {
         columns: &[Column],
     ) {
         let sync_lsn = self.sync_lsns.get(&format!("{namespace}.{name}")).copied();
+        if let Some(table) = self.open.remove(&oid) {
+            // SAFETY: Relation messages come inside the transaction that
+            // opened the table.
+            unsafe { table.close() };
+        }
         self.relations.insert(
             oid,
             Relation {
@@ -157,15 +206,12 @@ impl Applier {
     }
 
     pub fn insert(&mut self, oid: u32, new: &Tuple) -> Result<(), ApplyError> {
-        self.with_table(oid, |relation, local, rel| {
-            // SAFETY: inside `with_table`: a transaction, the relation open.
+        self.with_table(oid, |relation, local, table| {
+            // SAFETY: inside `with_table`: a transaction, the table open.
             unsafe {
-                let execution = Execution::begin(rel);
-                let slot = execution.virtual_slot();
-                store(relation, local, slot, new, None)?;
-                fill_defaults(&execution, rel, local, slot);
-                execution.insert(slot);
-                execution.finish();
+                store(relation, local, table.new, new, None)?;
+                fill_defaults(&table.execution, table.rel, local, table.new);
+                table.execution.insert(table.new);
             }
             Ok(())
         })
@@ -178,16 +224,17 @@ impl Applier {
         key: Option<&Tuple>,
         new: &Tuple,
     ) -> Result<(), ApplyError> {
-        self.with_table(oid, |relation, local, rel| {
+        self.with_table(oid, |relation, local, table| {
             // SAFETY: as in insert.
             unsafe {
-                let execution = Execution::begin(rel);
-                let search = execution.virtual_slot();
-                let compare = store(relation, local, search, old.or(key).unwrap_or(new), None)?;
-                let found = execution.table_slot();
-                if !find(
-                    relation, local, &execution, rel, search, &compare, found, "update",
-                )? {
+                let compare = store(
+                    relation,
+                    local,
+                    table.search,
+                    old.or(key).unwrap_or(new),
+                    None,
+                )?;
+                if !find(relation, local, table, &compare, "update")? {
                     return Err(ApplyError::RowNotFound {
                         table: relation.display_name(),
                         what: "update",
@@ -195,10 +242,8 @@ impl Applier {
                 }
                 // The new row: the local row, with every column the source
                 // sent replaced (unchanged TOASTed values keep the local one).
-                let updated = execution.virtual_slot();
-                store(relation, local, updated, new, Some(found))?;
-                execution.update(found, updated);
-                execution.finish();
+                store(relation, local, table.new, new, Some(table.found))?;
+                table.execution.update(table.found, table.new);
             }
             Ok(())
         })
@@ -210,7 +255,7 @@ impl Applier {
         old: Option<&Tuple>,
         key: Option<&Tuple>,
     ) -> Result<(), ApplyError> {
-        self.with_table(oid, |relation, local, rel| {
+        self.with_table(oid, |relation, local, table| {
             let Some(identity) = old.or(key) else {
                 return Err(ApplyError::NoIdentity {
                     table: relation.display_name(),
@@ -219,23 +264,32 @@ impl Applier {
             };
             // SAFETY: as in insert.
             unsafe {
-                let execution = Execution::begin(rel);
-                let search = execution.virtual_slot();
-                let compare = store(relation, local, search, identity, None)?;
-                let found = execution.table_slot();
-                if !find(
-                    relation, local, &execution, rel, search, &compare, found, "delete",
-                )? {
+                let compare = store(relation, local, table.search, identity, None)?;
+                if !find(relation, local, table, &compare, "delete")? {
                     return Err(ApplyError::RowNotFound {
                         table: relation.display_name(),
                         what: "delete",
                     });
                 }
-                execution.delete(found);
-                execution.finish();
+                table.execution.delete(table.found);
             }
             Ok(())
         })
+    }
+
+    /// Closes the tables opened in this local transaction; called before
+    /// it commits.
+    pub fn end_transaction(&mut self) {
+        for (_, table) in self.open.drain() {
+            // SAFETY: still in the transaction that opened them.
+            unsafe { table.close() };
+        }
+    }
+
+    /// Forgets the tables of a transaction that aborted: the abort released
+    /// their locks, references and memory.
+    pub fn forget_transaction(&mut self) {
+        self.open.clear();
     }
 
     /// TRUNCATE of several tables at once, as the source did it. It runs as
@@ -271,6 +325,8 @@ impl Applier {
             return Ok(());
         }
         owners.dedup();
+        // TRUNCATE refuses tables this session still has open.
+        self.end_transaction();
         let sql = truncate_statement(&names, cascade, restart_identity);
         // SAFETY: SPI and the snapshot are opened and closed in the
         // caller's transaction; the owner is restored before SPI finishes.
@@ -299,82 +355,90 @@ impl Applier {
         if matches!(invalidated, local::Invalidations::Nothing) {
             return;
         }
-        for relation in self.relations.values_mut() {
+        for (oid, relation) in self.relations.iter_mut() {
             if relation
                 .local
                 .as_ref()
                 .is_some_and(|local| invalidated.covers(local.relid))
             {
                 relation.local = None;
+                if let Some(table) = self.open.remove(oid) {
+                    // SAFETY: between changes, in the transaction that
+                    // opened it.
+                    unsafe { table.close() };
+                }
             }
         }
     }
 
-    /// Runs `body` with the relation's local table mapped and opened
-    /// (`RowExclusiveLock`, held to commit), as the table's owner, in the
-    /// per-change memory context.
+    /// Runs `body` with the relation's local table mapped and open for this
+    /// transaction (`RowExclusiveLock`, held to commit), as the table's
+    /// owner, in the per-change memory context.
     fn with_table(
         &mut self,
         oid: u32,
-        body: impl FnOnce(&Relation, &LocalTable, pg_sys::Relation) -> Result<(), ApplyError>,
+        body: impl FnOnce(&Relation, &LocalTable, &OpenTable) -> Result<(), ApplyError>,
     ) -> Result<(), ApplyError> {
         self.forget_invalidated();
         let relation = self
             .relations
             .get_mut(&oid)
             .ok_or(ApplyError::UnknownRelation(oid))?;
-        // SAFETY: in the caller's transaction; the relation stays locked to
-        // commit (closed with NoLock, as worker.c's logicalrep_rel_close).
+        // SAFETY: in the caller's transaction.
         unsafe {
             pg_sys::MemoryContextReset(self.change_context);
-            let relid = match &relation.local {
-                Some(local) => local.relid,
-                None => local::find_relid(&relation.namespace, &relation.name)
-                    .ok_or_else(|| ApplyError::MissingTable(relation.display_name()))?,
-            };
-            let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as i32);
-            if rel.is_null() {
-                relation.local = None;
-                return Err(ApplyError::MissingTable(relation.display_name()));
-            }
-            // Opening took the lock, which processed pending invalidations.
-            let invalidations = local::take_invalidations();
-            if invalidations.covers(relid) {
-                relation.local = None;
-            }
-            if !matches!(invalidations, local::Invalidations::Nothing) {
-                // Others changed too: forget them at the next change.
-                local::invalidate_again(invalidations);
-            }
-            if relation.local.is_none() {
-                match LocalTable::build(
-                    rel,
-                    &relation.display_name(),
-                    &relation.columns,
-                    relation.full_identity,
-                ) {
-                    Ok(local) => relation.local = Some(local),
-                    Err(error) => {
-                        pg_sys::table_close(rel, pg_sys::NoLock as i32);
-                        return Err(error.into());
+            if !self.open.contains_key(&oid) {
+                let relid = match &relation.local {
+                    Some(local) => local.relid,
+                    None => local::find_relid(&relation.namespace, &relation.name)
+                        .ok_or_else(|| ApplyError::MissingTable(relation.display_name()))?,
+                };
+                let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as i32);
+                if rel.is_null() {
+                    relation.local = None;
+                    return Err(ApplyError::MissingTable(relation.display_name()));
+                }
+                // Opening took the lock, which processed pending invalidations.
+                let invalidations = local::take_invalidations();
+                if invalidations.covers(relid) {
+                    relation.local = None;
+                }
+                if !matches!(invalidations, local::Invalidations::Nothing) {
+                    // Others changed too: forget them at the next change.
+                    local::invalidate_again(invalidations);
+                }
+                if relation.local.is_none() {
+                    match LocalTable::build(
+                        rel,
+                        &relation.display_name(),
+                        &relation.columns,
+                        relation.full_identity,
+                    ) {
+                        Ok(local) => relation.local = Some(local),
+                        Err(error) => {
+                            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                            return Err(error.into());
+                        }
                     }
                 }
+                self.open.insert(oid, OpenTable::new(rel));
             }
             let relation: &Relation = relation;
-            let Some(local) = relation.local.as_ref() else {
+            let (Some(local), Some(table)) = (relation.local.as_ref(), self.open.get(&oid)) else {
                 return Err(ApplyError::MissingTable(relation.display_name()));
             };
             let previous = pg_sys::MemoryContextSwitchTo(self.change_context);
             // A snapshot per change, as worker.c's begin_replication_step.
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            table.execution.begin_change();
             let result = {
                 let _owner = AsOwner::switch(local.owner);
-                body(relation, local, rel)
+                let result = body(relation, local, table);
+                table.execution.end_change();
+                result
             };
             pg_sys::PopActiveSnapshot();
             pg_sys::MemoryContextSwitchTo(previous);
-            pg_sys::table_close(rel, pg_sys::NoLock as i32);
-            pg_sys::MemoryContextReset(self.change_context);
             // Later changes of this transaction see this one.
             pg_sys::CommandCounterIncrement();
             result
@@ -477,32 +541,33 @@ unsafe fn fill_defaults(
     }
 }
 
-/// Finds and locks the local row a change names.
+/// Finds and locks the local row a change names (the identity is in
+/// `table.search`), into `table.found`.
 ///
 /// # Safety
 /// As [`executor::find_full`].
-#[allow(clippy::too_many_arguments)]
 unsafe fn find(
     relation: &Relation,
     local: &LocalTable,
-    execution: &Execution,
-    rel: pg_sys::Relation,
-    search: *mut pg_sys::TupleTableSlot,
+    table: &OpenTable,
     compare: &[bool],
-    found: *mut pg_sys::TupleTableSlot,
     what: &'static str,
 ) -> Result<bool, ApplyError> {
     match &local.lookup {
-        RowLookup::IdentityIndex(index) => {
-            Ok(executor::find_by_identity_index(rel, *index, search, found))
-        }
+        RowLookup::IdentityIndex(index) => Ok(executor::find_by_identity_index(
+            table.rel,
+            *index,
+            table.search,
+            table.found,
+        )),
         RowLookup::Full { index, equalities } => Ok(executor::find_full(
-            execution,
+            table.rel,
             index.as_ref(),
             equalities,
             compare,
-            search,
-            found,
+            table.search,
+            table.candidate,
+            table.found,
         )),
         RowLookup::None => Err(ApplyError::NoIdentity {
             table: relation.display_name(),

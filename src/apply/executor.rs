@@ -17,22 +17,28 @@ use pgrx::pg_sys;
 use std::mem::size_of;
 use std::ptr::null_mut;
 
-/// The executor state of one change on one relation.
+/// The executor state of one relation for one local transaction: made at
+/// the relation's first change (create_edata_for_relation), reused by every
+/// later change of the transaction, closed before it commits.
 pub struct Execution {
     estate: *mut pg_sys::EState,
     result: *mut pg_sys::ResultRelInfo,
     relation: pg_sys::Relation,
+    /// Row triggers exist: each change is a "query" of its own for the
+    /// AFTER trigger queue, as each change is in core's apply.
+    has_triggers: bool,
 }
 
 impl Execution {
-    /// Sets up the executor for one change (create_edata_for_relation) and
-    /// opens the relation's indexes.
+    /// Sets up the executor for `relation` and opens its indexes; the state
+    /// lives in the transaction's memory, so an abort frees it.
     ///
     /// # Safety
     /// In a transaction; `relation` open and locked `RowExclusiveLock`.
     pub unsafe fn begin(relation: pg_sys::Relation) -> Self {
+        let previous = pg_sys::MemoryContextSwitchTo(pg_sys::CurTransactionContext);
         let estate = pg_sys::CreateExecutorState();
-        let previous = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
+        pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
         let rte = pg_sys::palloc0(size_of::<pg_sys::RangeTblEntry>()) as *mut pg_sys::RangeTblEntry;
         (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
         (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
@@ -48,24 +54,49 @@ impl Execution {
         // taking a reference that ExecCloseResultRelations would drop.
         (*estate).es_opened_result_relations =
             pg_sys::lappend((*estate).es_opened_result_relations, result.cast());
-        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-        pg_sys::MemoryContextSwitchTo(previous);
-        pg_sys::AfterTriggerBeginQuery();
         pg_sys::ExecOpenIndices(result, false);
+        pg_sys::MemoryContextSwitchTo(previous);
         Self {
             estate,
             result,
             relation,
+            has_triggers: !(*result).ri_TrigDesc.is_null(),
         }
     }
 
-    /// Fires queued AFTER triggers and frees the executor state (finish_edata).
+    /// Starts one change: the current command id, a clean per-tuple
+    /// memory, and an AFTER trigger query level when triggers may fire.
     ///
     /// # Safety
-    /// Called once, after the change, in the same transaction.
-    pub unsafe fn finish(self) {
+    /// In the transaction that made this state.
+    pub unsafe fn begin_change(&self) {
+        (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+        let per_tuple = (*self.estate).es_per_tuple_exprcontext;
+        if !per_tuple.is_null() {
+            pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+        }
+        if self.has_triggers {
+            pg_sys::AfterTriggerBeginQuery();
+        }
+    }
+
+    /// Ends one change: fires its queued AFTER triggers.
+    ///
+    /// # Safety
+    /// After [`Execution::begin_change`], in the same transaction.
+    pub unsafe fn end_change(&self) {
+        if self.has_triggers {
+            pg_sys::AfterTriggerEndQuery(self.estate);
+        }
+    }
+
+    /// Closes the indexes, releases the slots and frees the state
+    /// (finish_edata), before the transaction commits.
+    ///
+    /// # Safety
+    /// Called once, in the transaction that made this state.
+    pub unsafe fn close(self) {
         pg_sys::ExecCloseIndices(self.result);
-        pg_sys::AfterTriggerEndQuery(self.estate);
         pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
         pg_sys::FreeExecutorState(self.estate);
     }
@@ -83,7 +114,10 @@ impl Execution {
     /// # Safety
     /// As [`Execution::begin`].
     pub unsafe fn table_slot(&self) -> *mut pg_sys::TupleTableSlot {
-        pg_sys::table_slot_create(self.relation, &mut (*self.estate).es_tupleTable)
+        let previous = pg_sys::MemoryContextSwitchTo((*self.estate).es_query_cxt);
+        let slot = pg_sys::table_slot_create(self.relation, &mut (*self.estate).es_tupleTable);
+        pg_sys::MemoryContextSwitchTo(previous);
+        slot
     }
 
     /// Evaluates `expression` (a column default) in the per-tuple context.
@@ -303,17 +337,17 @@ impl FullIdentityIndex {
 ///
 /// # Safety
 /// As [`find_by_identity_index`]; `equalities` has one entry per column of
-/// the relation; `search` holds a stored virtual tuple.
+/// the relation; `search` holds a stored virtual tuple; `candidate` and
+/// `found` are slots of [`Execution::table_slot`].
 pub unsafe fn find_full(
-    execution: &Execution,
+    relation: pg_sys::Relation,
     index: Option<&FullIdentityIndex>,
     equalities: &[Option<Equality>],
     compare: &[bool],
     search: *mut pg_sys::TupleTableSlot,
+    candidate: *mut pg_sys::TupleTableSlot,
     found: *mut pg_sys::TupleTableSlot,
 ) -> bool {
-    let relation = execution.relation;
-    let candidate = execution.table_slot();
     pg_sys::slot_getallattrs(search);
     loop {
         let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());

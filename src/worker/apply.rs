@@ -232,10 +232,11 @@ impl State {
     }
 
     /// Commits the batch, advancing the origin in the same commit.
-    fn commit_batch(&mut self, index: usize) {
+    fn commit_batch(&mut self, applier: &mut Applier, index: usize) {
         let Some(batch) = self.batch.take() else {
             return;
         };
+        applier.end_transaction();
         // SAFETY: the origin's progress is set for this commit, as worker.c
         // does before CommitTransactionCommand.
         unsafe {
@@ -256,10 +257,11 @@ impl State {
 
     /// Abandons the local transaction; the origin was not advanced, so the
     /// batch is streamed again next time.
-    fn abort(&mut self) {
+    fn abort(&mut self, applier: &mut Applier) {
         if self.batch.take().is_some() {
             // SAFETY: the worker's own transaction.
             unsafe { pg_sys::AbortCurrentTransaction() };
+            applier.forget_transaction();
         }
         self.open = None;
     }
@@ -322,7 +324,7 @@ fn run(
 
     loop {
         if txn::shutdown_requested() {
-            state.abort();
+            state.abort(&mut applier);
             // No CopyDone handshake: closing the connection ends the
             // walsender at once, which frees the slot for the switchover's
             // cleanup (the origin already records what was applied).
@@ -338,7 +340,7 @@ fn run(
             READ_WAIT
         };
         let message = stream.next(wait).map_err(|e| {
-            state.abort();
+            state.abort(&mut applier);
             Failure::from_source("replication stream", &e)
         })?;
         let got_message = message.is_some();
@@ -346,7 +348,7 @@ fn run(
             Some(ReplicationMessage::XLogData { wal_end, data, .. }) => {
                 received = received.max(wal_end);
                 let message = decoder.decode(&data).map_err(|e| {
-                    state.abort();
+                    state.abort(&mut applier);
                     Failure::new(format!("undecodable change: {e}"))
                 })?;
                 let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
@@ -369,7 +371,7 @@ fn run(
                     };
                     failure.message =
                         format!("applying a change failed: {}{context}", failure.message);
-                    state.abort();
+                    state.abort(&mut applier);
                     return Err(failure);
                 }
             }
@@ -387,7 +389,7 @@ fn run(
             batch.transactions >= BATCH_TRANSACTIONS || batch.started.elapsed() >= BATCH_AGE
         });
         if state.batch_waiting() && (!got_message || batch_due) {
-            state.commit_batch(index);
+            state.commit_batch(&mut applier, index);
         }
         // What is durably committed here, in the source's terms (get_flush_position).
         // SAFETY: reads the local WAL flush position.
@@ -425,7 +427,7 @@ fn run(
             stream
                 .send_status(received, flushed, applied, idle_poll)
                 .map_err(|e| {
-                    state.abort();
+                    state.abort(&mut applier);
                     Failure::from_source("could not send feedback", &e)
                 })?;
             last_status = Instant::now();
@@ -533,7 +535,7 @@ fn handle(
             // The switchover's marker: everything before it must be
             // committed here before the marker counts as seen.
             if state.batch_waiting() {
-                state.commit_batch(index);
+                state.commit_batch(applier, index);
             }
             update_slot(index, |slot| {
                 slot.fence_seen_lsn = slot.fence_seen_lsn.max(lsn.0)

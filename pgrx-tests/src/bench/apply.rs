@@ -26,9 +26,7 @@ use postgres::Client;
 use crate::bench::data::{BENCH_DB, PGBENCH_TABLES};
 use crate::bench::stats::percentile;
 use crate::bench::tools::{self, is_timeout, secs, TIMING_POLL};
-use crate::bench::{
-    copy::slug, first_lines, rotated, verify, Bench, Outcome, Section, Status, Tool,
-};
+use crate::bench::{first_lines, rotated, verify, Bench, Outcome, Section, Status, Tool};
 use crate::cluster::{describe, Cluster};
 use crate::pgbin::run as run_program;
 use crate::poll::try_poll_every;
@@ -56,7 +54,10 @@ pub fn run(bench: &mut Bench) {
         bench.opts.lag_seconds
     );
     for rep in 1..=bench.opts.reps {
-        for (i, tool) in rotated(&Tool::APPLIERS, rep).into_iter().enumerate() {
+        for (i, tool) in rotated(&bench.opts.chosen(&Tool::APPLIERS), rep)
+            .into_iter()
+            .enumerate()
+        {
             let mut drained = Outcome::new(Section::Apply, tool, rep, i + 1);
             let mut lagged = Outcome::new(Section::Lag, tool, rep, i + 1);
             lagged.status = Status::Failed("not run".into());
@@ -90,7 +91,7 @@ fn measure(bench: &Bench, tool: Tool, drained: &mut Outcome, lagged: &mut Outcom
     let source = &bench.source;
     let opts = &bench.opts;
     let dbs = [BENCH_DB.to_owned()];
-    let dest = tools::destination(tool, &format!("bench-apply-{}", slug(tool)));
+    let dest = tools::destination(tool, &format!("bench-apply-{}", tool.slug()));
     let setup = match tool {
         Tool::Native => tools::stream_native(source, &dest, &dbs, opts.setup_timeout).map(|_| ()),
         Tool::Pglogical => {

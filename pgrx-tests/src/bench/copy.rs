@@ -30,7 +30,10 @@ pub fn run(bench: &mut Bench) {
         bytes as f64 / 1e6
     );
     for rep in 1..=bench.opts.reps {
-        for (i, tool) in rotated(&Tool::COPIERS, rep).into_iter().enumerate() {
+        for (i, tool) in rotated(&bench.opts.chosen(&Tool::COPIERS), rep)
+            .into_iter()
+            .enumerate()
+        {
             let mut outcome = Outcome::new(Section::Copy, tool, rep, i + 1);
             outcome.set("source_bytes", bytes as f64);
             guarded(&mut outcome, |outcome| {
@@ -52,7 +55,7 @@ fn copy_once(
 ) -> Status {
     let source = &bench.source;
     let timeout = bench.opts.copy_timeout;
-    let dest = tools::destination(tool, &format!("bench-copy-{}", slug(tool)));
+    let dest = tools::destination(tool, &format!("bench-copy-{}", tool.slug()));
     // cloudmig's assessment moves no data and is not part of the copy.
     let assessment = match tool {
         Tool::Cloudmig => match tools::assess_cloudmig(source, &dest) {
@@ -113,17 +116,5 @@ fn note_sequences(source: &Cluster, dest: &Cluster, dbs: &[String], outcome: &mu
                 on_source.len()
             ));
         }
-    }
-}
-
-/// A tool's name usable in a cluster directory name.
-pub fn slug(tool: Tool) -> &'static str {
-    match tool {
-        Tool::Cloudmig => "cloudmig",
-        Tool::Native => "native",
-        Tool::Pglogical => "pglogical",
-        Tool::PgDumpPipe => "pgdump-pipe",
-        Tool::PgDumpParallel => "pgdump-j2",
-        Tool::Pgcopydb => "pgcopydb",
     }
 }

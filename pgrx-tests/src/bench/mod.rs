@@ -110,6 +110,18 @@ impl Tool {
         Tool::Pglogical,
     ];
 
+    /// The tool's name on the command line and in cluster directory names.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Tool::Cloudmig => "cloudmig",
+            Tool::Native => "native",
+            Tool::Pglogical => "pglogical",
+            Tool::PgDumpPipe => "pgdump-pipe",
+            Tool::PgDumpParallel => "pgdump-j2",
+            Tool::Pgcopydb => "pgcopydb",
+        }
+    }
+
     /// A short label for tables, JSON and the chart.
     pub fn label(self) -> &'static str {
         match self {
@@ -120,6 +132,21 @@ impl Tool {
             Tool::PgDumpParallel => "pg_dump -Fd -j2 + pg_restore -j2",
             Tool::Pgcopydb => "pgcopydb clone 2+2",
         }
+    }
+}
+
+impl FromStr for Tool {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Tool::COPIERS
+            .into_iter()
+            .find(|tool| tool.slug() == s.trim())
+            .ok_or_else(|| {
+                format!(
+                    "unknown tool {s:?} (expected {})",
+                    Tool::COPIERS.map(Tool::slug).join(", ")
+                )
+            })
     }
 }
 
@@ -227,6 +254,8 @@ pub struct Options {
     pub extra: bool,
     /// Where results go.
     pub out_dir: PathBuf,
+    /// The tools measured (all by default).
+    pub tools: Vec<Tool>,
 }
 
 impl Options {
@@ -287,6 +316,13 @@ impl Options {
                 "small-tables" => opts.small_tables = number()?,
                 "extra" => opts.extra = !matches!(value.as_str(), "0" | "off" | "false" | "no"),
                 "out" => opts.out_dir = PathBuf::from(value),
+                "tools" => {
+                    opts.tools = value
+                        .split(',')
+                        .filter(|s| !s.trim().is_empty())
+                        .map(Tool::from_str)
+                        .collect::<Result<Vec<_>, _>>()?;
+                }
                 // Variables of the environment that are not ours (BENCH_ANYTHING_ELSE) are ignored;
                 // an unknown flag is a mistake.
                 _ if args.iter().any(|a| a.starts_with(&format!("--{name}"))) => {
@@ -304,6 +340,15 @@ impl Options {
     /// Whether `section` runs.
     pub fn runs(&self, section: Section) -> bool {
         self.sections.contains(&section)
+    }
+
+    /// The tools of `candidates` that were chosen, in `candidates`' order.
+    pub fn chosen(&self, candidates: &[Tool]) -> Vec<Tool> {
+        candidates
+            .iter()
+            .copied()
+            .filter(|tool| self.tools.contains(tool))
+            .collect()
     }
 }
 
@@ -323,6 +368,7 @@ impl Default for Options {
             small_tables: 2000,
             extra: true,
             out_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench-results")),
+            tools: Tool::COPIERS.to_vec(),
         }
     }
 }
@@ -344,6 +390,8 @@ flags (or environment variables BENCH_<NAME>, e.g. BENCH_SCALE=20):
   --switchover-warmup N  seconds of load before the switchover (default 5)
   --small-tables N       small tables in database extra (default 200 x scale)
   --extra on|off         copy database extra (wide, TOAST, small tables, no key, partitions)
+  --tools LIST           comma-separated: cloudmig,native,pglogical,pgdump-pipe,pgdump-j2,pgcopydb
+                         (default all)
   --out DIR              results directory (default bench-results/ of the repository)
 
 environment: CLOUDMIG_PG_BINDIR (PostgreSQL binaries, with cloudmig and pglogical installed),

@@ -346,7 +346,7 @@ pub fn svg(info: &RunInfo, outcomes: &[Outcome]) -> String {
     const BAR_MAX: f64 = 470.0;
     const ROW: f64 = 24.0;
     let mut body = String::new();
-    let mut y = 46.0;
+    let mut y = 66.0;
     for panel in &PANELS {
         let tools = tools_of(outcomes, panel.section);
         if tools.is_empty() {

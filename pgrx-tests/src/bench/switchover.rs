@@ -19,6 +19,9 @@ pub fn run(bench: &mut Bench) {
         bench.opts.rate, bench.opts.switchover_warmup_seconds
     );
     let dbs = [BENCH_DB.to_owned()];
+    if bench.opts.chosen(&[Tool::Cloudmig]).is_empty() {
+        return;
+    }
     for rep in 1..=bench.opts.reps {
         let mut outcome = Outcome::new(Section::Switchover, Tool::Cloudmig, rep, 1);
         guarded(&mut outcome, |outcome| switch_over(bench, outcome));

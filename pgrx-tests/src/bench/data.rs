@@ -18,9 +18,12 @@ pub const EXTRA_DB: &str = "extra";
 const OUTPUT_PLUGINS: &str = "pgoutput, test_decoding, pglogical_output";
 
 /// Settings every cluster of the run gets (source and destinations alike), after the harness's.
-pub const COMMON_CONF: [&str; 9] = [
+pub const COMMON_CONF: [&str; 10] = [
     "shared_buffers = 256MB",
     "max_wal_size = 4GB",
+    // No timed checkpoint during a run: full-page images after one would make the backlog of
+    // whichever applier comes next larger than the others'.
+    "checkpoint_timeout = '1h'",
     "maintenance_work_mem = 256MB",
     "max_worker_processes = 16",
     "max_replication_slots = 20",

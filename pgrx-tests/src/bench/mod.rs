@@ -246,6 +246,8 @@ pub struct Options {
     pub rate: u32,
     /// How long the lag section samples, in seconds.
     pub lag_seconds: u32,
+    /// `pgbench -R` of the switchover section (default: `rate`).
+    pub switchover_rate: u32,
     /// How long pgbench writes before the switchover is called, in seconds.
     pub switchover_warmup_seconds: u32,
     /// Small tables (with an index each) in database `extra`; 0 leaves them out.
@@ -312,6 +314,7 @@ impl Options {
                 "setup-timeout" => opts.setup_timeout = Duration::from_secs(number()?.into()),
                 "rate" => opts.rate = number()?.max(1),
                 "lag-seconds" => opts.lag_seconds = number()?.max(1),
+                "switchover-rate" => opts.switchover_rate = number()?.max(1),
                 "switchover-warmup" => opts.switchover_warmup_seconds = number()?,
                 "small-tables" => opts.small_tables = number()?,
                 "extra" => opts.extra = !matches!(value.as_str(), "0" | "off" | "false" | "no"),
@@ -331,8 +334,11 @@ impl Options {
                 _ => {}
             }
         }
+        if !values.contains_key("switchover-rate") {
+            opts.switchover_rate = opts.rate;
+        }
         if !values.contains_key("small-tables") {
-            opts.small_tables = 200 * opts.scale;
+            opts.small_tables = 50 * opts.scale;
         }
         Ok(opts)
     }
@@ -355,17 +361,18 @@ impl Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            scale: 10,
+            scale: 4,
             reps: 3,
             sections: Section::ALL.to_vec(),
-            backlog_seconds: 15,
-            drain_timeout: Duration::from_secs(60),
+            backlog_seconds: 10,
+            drain_timeout: Duration::from_secs(30),
             copy_timeout: Duration::from_secs(300),
             setup_timeout: Duration::from_secs(300),
             rate: 500,
-            lag_seconds: 15,
+            lag_seconds: 10,
+            switchover_rate: 500,
             switchover_warmup_seconds: 5,
-            small_tables: 2000,
+            small_tables: 200,
             extra: true,
             out_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench-results")),
             tools: Tool::COPIERS.to_vec(),
@@ -378,17 +385,21 @@ pub const USAGE: &str = "\
 cloudmig-bench: cloudmig against pg_dump, pgcopydb, native logical replication and pglogical
 
 flags (or environment variables BENCH_<NAME>, e.g. BENCH_SCALE=20):
-  --scale N              pgbench scale of the source (default 10); extra data sets grow with it
+  --scale N              pgbench scale of the source (default 4, a run of about 15 minutes on
+                         2 busy cores); the extra data sets grow with it
   --reps N               repetitions, tools in rotated order (default 3)
   --sections LIST        comma-separated: apply,lag,copy,switchover (default all)
-  --backlog-seconds N    pgbench -T while the destination is locked (default 15)
-  --drain-timeout N      seconds an applier may take to drain the backlog (default 60)
+  --backlog-seconds N    pgbench -T while the destination is locked (default 10)
+  --drain-timeout N      seconds an applier may take to drain the backlog, and the switchover's
+                         timeout_seconds (default 30)
   --copy-timeout N       seconds a full copy may take (default 300)
   --setup-timeout N      seconds an applier may take to reach streaming (default 300)
   --rate N               pgbench -R of the lag and switchover sections (default 500)
-  --lag-seconds N        seconds of lag sampling (default 15)
+  --lag-seconds N        seconds of lag sampling (default 10)
+  --switchover-rate N    pgbench -R of the switchover section (default: --rate)
   --switchover-warmup N  seconds of load before the switchover (default 5)
-  --small-tables N       small tables in database extra (default 200 x scale)
+  --small-tables N       small tables in database extra (default 50 x scale; the method's full
+                         data set has 2000, which takes minutes per tool for native and pgcopydb)
   --extra on|off         copy database extra (wide, TOAST, small tables, no key, partitions)
   --tools LIST           comma-separated: cloudmig,native,pglogical,pgdump-pipe,pgdump-j2,pgcopydb
                          (default all)
@@ -496,7 +507,7 @@ mod tests {
         assert_eq!(opts.scale, 3);
         assert_eq!(opts.reps, 1);
         assert_eq!(opts.sections, vec![Section::Apply, Section::Copy]);
-        assert_eq!(opts.small_tables, 600);
+        assert_eq!(opts.small_tables, 150);
         assert!(Options::parse(&["--bogus".to_owned(), "1".to_owned()]).is_err());
         assert!(Options::parse(&["--sections=fast".to_owned()]).is_err());
     }

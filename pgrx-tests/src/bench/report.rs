@@ -261,6 +261,23 @@ fn phases(outcomes: &[Outcome], tool: Tool) -> String {
             }
         }
     }
+    // In the order the tools go through them; unknown names last.
+    const ORDER: [&str; 8] = [
+        "roles",
+        "schema",
+        "full_copy",
+        "post_data",
+        "dump",
+        "restore",
+        "sync",
+        "structure+data",
+    ];
+    names.sort_by_key(|name| {
+        ORDER
+            .iter()
+            .position(|p| name.strip_prefix("phase_") == Some(*p))
+            .unwrap_or(ORDER.len())
+    });
     let spreads_of = |name: &str| spreads(outcomes, Section::Copy, name);
     names
         .iter()

@@ -16,7 +16,7 @@ use crate::cluster::describe;
 pub fn run(bench: &mut Bench) {
     println!(
         "\n== switchover: cloudmig under pgbench -c2 -j2 -R {} (after {} s of load) ==",
-        bench.opts.rate, bench.opts.switchover_warmup_seconds
+        bench.opts.switchover_rate, bench.opts.switchover_warmup_seconds
     );
     let dbs = [BENCH_DB.to_owned()];
     if bench.opts.chosen(&[Tool::Cloudmig]).is_empty() {
@@ -52,7 +52,7 @@ fn switch_over(bench: &Bench, outcome: &mut Outcome) -> Status {
             "-c2",
             "-j2",
             "-R",
-            &opts.rate.to_string(),
+            &opts.switchover_rate.to_string(),
             "-T",
             &budget.to_string(),
             BENCH_DB,
@@ -72,10 +72,15 @@ fn switch_over(bench: &Bench, outcome: &mut Outcome) -> Status {
         outcome.set("lag_bytes_at_call", row.get(0));
     }
     let started = Instant::now();
+    // Bounded like the drain of the apply section; every other option at its default.
+    let options = format!(
+        "{{\"timeout_seconds\": {}}}",
+        opts.drain_timeout.as_secs().max(1)
+    );
     let result = client.query_one(
         "SELECT downtime_ms::float8, fence_ms::float8, drain_ms::float8, sequences_ms::float8, \
-                cleanup_ms::float8 FROM cloudmig.switchover($1)",
-        &[&task],
+                cleanup_ms::float8 FROM cloudmig.switchover($1, $2::text::jsonb)",
+        &[&task, &options],
     );
     outcome.set("call_seconds", secs(started));
     // Our own child: stopped by its pid if the fence did not end it.

@@ -283,6 +283,10 @@ pub fn stream_native(
 /// without a replica identity index in `default_insert_only`, as pglogical requires), a
 /// subscriber node and `create_subscription(synchronize_structure := true)`; done when the
 /// subscription replicates and every table's sync status is `r`.
+///
+/// One database after the other: created back to back, the second database's manager worker
+/// was only started by pglogical's supervisor on its next periodic pass, three minutes later
+/// (seen with pglogical 2.4 here), which would time the supervisor's sleep, not the copy.
 pub fn stream_pglogical(
     source: &Cluster,
     dest: &Cluster,
@@ -325,8 +329,6 @@ pub fn stream_pglogical(
                 source_dsn(source, db)
             ),
         )?;
-    }
-    for db in dbs {
         let left = timeout.saturating_sub(started.elapsed());
         try_poll_every(
             dest,
@@ -452,7 +454,9 @@ pub fn cloudmig_phases(dest: &Cluster, task: i64) -> Result<Phases, String> {
         if phase == "copy_complete" {
             break;
         }
-        if let Some(seconds) = seconds {
+        // `created` lasts until the launcher starts the task's worker: part of the wall time,
+        // not a phase of the copy.
+        if let (Some(seconds), false) = (seconds, phase == "created") {
             phases.push((phase, seconds));
         }
     }

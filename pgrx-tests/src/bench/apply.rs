@@ -131,7 +131,7 @@ fn measure(bench: &Bench, tool: Tool, drained: &mut Outcome, lagged: &mut Outcom
     if opts.runs(Section::Apply) {
         drained.status = drain(bench, tool, &dest, drained);
         if drained.status != Status::Ok {
-            lagged.status = Status::Failed("skipped: the backlog was not drained".into());
+            lagged.status = Status::Unfinished("skipped: the backlog was not drained".into());
             return;
         }
     }
@@ -272,6 +272,10 @@ fn drain(bench: &Bench, tool: Tool, dest: &Cluster, outcome: &mut Outcome) -> St
     let Some(seconds) = marker_at else {
         let drained = history(dest) - before;
         outcome.set("drained_transactions", drained as f64);
+        outcome.set(
+            "partial_txn_per_s",
+            drained as f64 / opts.drain_timeout.as_secs_f64(),
+        );
         let position = match position_at {
             Some(at) => format!(" (yet its position passed the end LSN after {at:.2} s)"),
             None => String::new(),

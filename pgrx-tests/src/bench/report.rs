@@ -87,6 +87,44 @@ fn ratio(spreads: &BTreeMap<Tool, Option<Spread>>, tool: Tool) -> String {
     }
 }
 
+/// Median of `metric` over the outcomes of `section` and `tool` that did not finish (their
+/// figures are not checked, so they are shown apart, never as results).
+fn unfinished_median(
+    outcomes: &[Outcome],
+    section: Section,
+    tool: Tool,
+    metric: &str,
+) -> Option<Spread> {
+    let values: Vec<f64> = outcomes
+        .iter()
+        .filter(|o| o.section == section && o.tool == tool)
+        .filter(|o| matches!(o.status, Status::Unfinished(_)))
+        .filter_map(|o| o.metrics.get(metric).copied())
+        .collect();
+    Spread::of(&values)
+}
+
+/// [`ratio`] of drain rates; when no cloudmig drain finished, the rate it drained at until its
+/// timeout over the peer's, marked as such.
+fn apply_ratio(outcomes: &[Outcome], rate: &BTreeMap<Tool, Option<Spread>>, tool: Tool) -> String {
+    let finished = ratio(rate, tool);
+    if finished != "–" || tool == Tool::Cloudmig {
+        return finished;
+    }
+    let partial = unfinished_median(
+        outcomes,
+        Section::Apply,
+        Tool::Cloudmig,
+        "partial_txn_per_s",
+    );
+    match (partial, rate.get(&tool).copied().flatten()) {
+        (Some(c), Some(t)) if t.median > 0.0 => {
+            format!("≈{:.4}× (cloudmig unfinished)", c.median / t.median)
+        }
+        _ => finished,
+    }
+}
+
 /// The reasons of every outcome of `section` that did not pass, one line each, and notes.
 fn footnotes(outcomes: &[Outcome], section: Section) -> String {
     let mut out = String::new();
@@ -137,19 +175,28 @@ pub fn markdown(info: &RunInfo, outcomes: &[Outcome]) -> String {
         let txns = spreads(outcomes, Section::Apply, "transactions");
         let pos = spreads(outcomes, Section::Apply, "position_seconds");
         md.push_str("### Apply throughput (backlog drain)\n\n");
-        md.push_str("| applier | backlog txn | drain s | txn/s | cloudmig ÷ this | position passed end LSN, s | passed |\n");
-        md.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("| applier | backlog txn | drain s | txn/s | cloudmig ÷ this | position passed end LSN, s | passed | unfinished: txn/s until the timeout |\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for tool in tools_of(outcomes, Section::Apply) {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 md_cell(tool.label()),
                 cell(txns.get(&tool), 0),
                 cell(secs.get(&tool), 2),
                 cell(rate.get(&tool), 0),
-                ratio(&rate, tool),
+                apply_ratio(outcomes, &rate, tool),
                 cell(pos.get(&tool), 2),
-                passed(outcomes, Section::Apply, tool)
+                passed(outcomes, Section::Apply, tool),
+                cell(
+                    Some(&unfinished_median(
+                        outcomes,
+                        Section::Apply,
+                        tool,
+                        "partial_txn_per_s"
+                    )),
+                    1
+                )
             );
         }
         md.push('\n');
@@ -315,6 +362,84 @@ pub fn json(info: &RunInfo, outcomes: &[Outcome]) -> Value {
     })
 }
 
+/// The run and outcomes [`json`] wrote, read back (to render a saved run again with
+/// `cloudmig-bench --report FILE`); `Err` names what is missing.
+pub fn from_json(value: &Value) -> Result<(RunInfo, Vec<Outcome>), String> {
+    let run = &value["run"];
+    let text = |v: &Value, key: &str| -> Result<String, String> {
+        v[key]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no string {key:?}"))
+    };
+    let info = RunInfo {
+        started: text(run, "started")?,
+        load_average: text(run, "load_average")?,
+        cpus: run["cpus"].as_u64().unwrap_or(0) as usize,
+        postgres: text(run, "postgres")?,
+        cloudmig_build: text(run, "cloudmig_build")?,
+        command: text(run, "command")?,
+        options: run["options"].clone(),
+        database_bytes: run["database_bytes"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_i64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let mut outcomes = Vec::new();
+    for o in value["outcomes"].as_array().ok_or("no outcomes")? {
+        let section: Section = text(o, "section")?.parse()?;
+        let label = text(o, "tool")?;
+        let tool = Tool::COPIERS
+            .into_iter()
+            .find(|t| t.label() == label)
+            .ok_or_else(|| format!("unknown tool {label:?}"))?;
+        let mut outcome = Outcome::new(
+            section,
+            tool,
+            o["rep"].as_u64().unwrap_or(0) as u32,
+            o["order"].as_u64().unwrap_or(0) as usize,
+        );
+        let reason = text(o, "reason")?;
+        outcome.status = match text(o, "status")?.as_str() {
+            "ok" => Status::Ok,
+            "unfinished" => Status::Unfinished(reason),
+            _ => Status::Failed(reason),
+        };
+        if let Some(metrics) = o["metrics"].as_object() {
+            for (name, v) in metrics {
+                if let Some(v) = v.as_f64() {
+                    outcome.set(name, v);
+                }
+            }
+        }
+        // Results written before `partial_txn_per_s` existed: the same figure from its parts.
+        let drain_timeout = run["options"]["drain_timeout_s"]
+            .as_f64()
+            .filter(|t| *t > 0.0);
+        if let (Section::Apply, Status::Unfinished(_), Some(drained), Some(timeout), None) = (
+            section,
+            &outcome.status,
+            outcome.metrics.get("drained_transactions").copied(),
+            drain_timeout,
+            outcome.metrics.get("partial_txn_per_s"),
+        ) {
+            outcome.set("partial_txn_per_s", drained / timeout);
+        }
+        if let Some(notes) = o["notes"].as_array() {
+            outcome.notes = notes
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect();
+        }
+        outcomes.push(outcome);
+    }
+    Ok((info, outcomes))
+}
+
 /// One panel of the chart: a figure of a section per tool.
 struct Panel {
     title: &'static str,
@@ -451,26 +576,30 @@ pub fn svg(info: &RunInfo, outcomes: &[Outcome]) -> String {
     )
 }
 
-/// What happened to a tool none of whose repetitions passed, in a few words.
+/// What happened to a tool none of whose repetitions passed, in a few words: the rate an
+/// unfinished drain reached, else the first reason given.
 fn status_words(outcomes: &[Outcome], section: Section, tool: Tool) -> String {
-    let statuses: Vec<&Status> = outcomes
+    if let Some(partial) = unfinished_median(outcomes, section, tool, "partial_txn_per_s") {
+        return format!(
+            "did not finish: {:.0} txn/s drained until the timeout (median)",
+            partial.median
+        );
+    }
+    let reason = outcomes
         .iter()
         .filter(|o| o.section == section && o.tool == tool)
-        .map(|o| &o.status)
-        .collect();
-    if statuses.iter().any(|s| matches!(s, Status::Unfinished(_))) {
-        let reason = statuses
-            .iter()
-            .find(|s| matches!(s, Status::Unfinished(_)))
-            .map(|s| s.reason())
-            .unwrap_or_default();
-        crate::bench::first_lines(reason, 1)
-            .chars()
-            .take(80)
-            .collect()
-    } else {
-        "failed (see the report)".to_owned()
+        .map(|o| o.status.reason())
+        .find(|r| !r.is_empty())
+        .unwrap_or("failed");
+    let reason = reason
+        .replace("switchover: ERROR: ", "")
+        .replace(" (SQLSTATE 55000)", "");
+    let first = crate::bench::first_lines(&reason, 1);
+    let mut words: String = first.chars().take(72).collect();
+    if first.chars().count() > 72 {
+        words.push('…');
     }
+    words
 }
 
 /// `text` safe inside a Markdown table cell.
@@ -525,6 +654,8 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("native subscription rep 3: **failed**"), "{md}");
+        let (back, again) = from_json(&json(&info, &outcomes)).unwrap();
+        assert_eq!(markdown(&back, &again), md);
         let svg = svg(&info, &outcomes);
         assert!(
             svg.starts_with("<svg") && svg.contains("200 txn/s"),

@@ -5,7 +5,8 @@
 //! destination per measurement, prints a table per section and writes
 //! `bench-results/run-<time>.{json,md,svg}`. Every cluster it started is stopped when it ends.
 //!
-//! `cloudmig-bench --help` lists the flags (or `BENCH_*` environment variables).
+//! `cloudmig-bench --help` lists the flags (or `BENCH_*` environment variables);
+//! `cloudmig-bench --report bench-results/run-X.json` renders a saved run's tables and chart again.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,6 +20,12 @@ use cloudmig_e2e::{bindir, chown_to_server};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, path] = &args[..] {
+        if flag == "--report" {
+            rerender(Path::new(path));
+            return;
+        }
+    }
     let opts = match Options::parse(&args) {
         Ok(opts) => opts,
         Err(message) => {
@@ -140,6 +147,25 @@ fn main() {
     // `bench` (and with it the source cluster) is dropped here: the server stops.
 }
 
+/// `--report FILE.json`: renders a saved run's tables and chart again, beside the file.
+fn rerender(path: &Path) {
+    let text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let (info, outcomes) = report::from_json(&value)
+        .unwrap_or_else(|e| panic!("{} is not a cloudmig-bench result: {e}", path.display()));
+    let markdown = report::markdown(&info, &outcomes);
+    println!("{markdown}");
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    write(dir, &format!("{stem}.md"), &markdown);
+    write(dir, &format!("{stem}.svg"), &report::svg(&info, &outcomes));
+}
+
 fn write(dir: &Path, name: &str, text: &str) {
     let path = dir.join(name);
     fs::create_dir_all(dir)
@@ -148,9 +174,9 @@ fn write(dir: &Path, name: &str, text: &str) {
     println!("wrote {}", path.display());
 }
 
-/// The commit of the repository this program was built from, `+dirty` when `src/` (the
-/// extension) has uncommitted changes, and the profile `CLOUDMIG_BUILD_PROFILE` names (the
-/// Makefile installs a release build).
+/// The last commit that changed the extension (`src/`, `sql/`, its manifest and control file),
+/// `+dirty` when those have uncommitted changes, and the profile `CLOUDMIG_BUILD_PROFILE` names
+/// (the Makefile installs a release build of the working tree it runs in).
 fn cloudmig_build() -> String {
     let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let git = |args: &[&str]| {
@@ -163,8 +189,11 @@ fn cloudmig_build() -> String {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
-    let commit = git(&["rev-parse", "--short=10", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = git(&["status", "--porcelain", "--", "src", "sql", "Cargo.toml"])
+    const EXTENSION: [&str; 5] = ["--", "src", "sql", "Cargo.toml", "cloudmig.control"];
+    let commit = git(&[&["log", "-1", "--format=%h"][..], &EXTENSION[..]].concat())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    let dirty = git(&[&["status", "--porcelain"][..], &EXTENSION[..]].concat())
         .is_some_and(|s| !s.is_empty());
     let profile = std::env::var("CLOUDMIG_BUILD_PROFILE").unwrap_or_else(|_| "as installed".into());
     format!("{commit}{} ({profile})", if dirty { "+dirty" } else { "" })

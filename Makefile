@@ -2,8 +2,10 @@
 #
 #   make demo   a real assessment between two local PostgreSQL clusters
 #   make test   every test: formatting, lints, unit, SQL-surface and end-to-end
+#   make bench  cloudmig against pg_dump, pgcopydb, native replication and pglogical
 #
-# Both install what they need first (scripts/setup.sh, idempotent).
+# Each installs what it needs first (scripts/setup.sh, idempotent; the benchmark also
+# scripts/setup-bench.sh).
 
 PG_CONFIG ?= /usr/bin/pg_config
 # cargo pgrx test starts its own throwaway cluster; PostgreSQL refuses to run
@@ -11,7 +13,7 @@ PG_CONFIG ?= /usr/bin/pg_config
 PGRX_TEST_PGDATA ?= /tmp/cloudmig-pgrx-test-data
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo --sudo)
 
-.PHONY: demo test setup install lint unit e2e
+.PHONY: demo test setup install lint unit e2e setup-bench bench
 
 setup:
 	scripts/setup.sh
@@ -34,3 +36,18 @@ test: lint unit e2e
 
 demo: install
 	cargo run -q -p cloudmig-e2e --bin cloudmig-demo
+
+# The benchmark installs a release build of cloudmig into the PostgreSQL of $(PG_CONFIG) and runs
+# its clusters with that installation's binaries, so a private copy works as well as the system's:
+#   make bench PG_CONFIG=/opt/pg-bench/usr/lib/postgresql/15/bin/pg_config
+# Its parameters are environment variables or flags (BENCH_ARGS), see `cloudmig-bench --help`:
+#   make bench BENCH_SCALE=20 BENCH_REPS=5 BENCH_SECTIONS=apply,copy
+BENCH_ARGS ?=
+
+setup-bench:
+	PG_CONFIG=$(PG_CONFIG) scripts/setup-bench.sh
+
+bench: setup-bench
+	cargo pgrx install --release --pg-config $(PG_CONFIG) $(SUDO)
+	CLOUDMIG_PG_BINDIR="$$($(PG_CONFIG) --bindir)" CLOUDMIG_BUILD_PROFILE=release \
+		cargo run -q -p cloudmig-e2e --bin cloudmig-bench -- $(BENCH_ARGS)

@@ -13,9 +13,13 @@
 //!   run left behind cannot collide with a new run (and the next run reaps it, see `workdir`);
 //! - no fixed sleeps: start-up waits with `pg_ctl -w`, everything else polls with [`poll_until`].
 //!
+//! [`bench`] is `make bench`: cloudmig against its peers on the same data (the README's
+//! Performance section).
+//!
 //! Environment: `CLOUDMIG_PG_BINDIR` (PostgreSQL binaries, default `pg_config --bindir`) and
 //! `CLOUDMIG_E2E_DIR` (base directory, default `<tmp>/cloudmig-e2e`).
 
+pub mod bench;
 mod cluster;
 pub mod compare;
 pub mod fixture;
@@ -32,6 +36,6 @@ pub use compare::{
 };
 pub use fixture::{copy_with_pg_dump, load_rich_source, psql_script};
 pub use pgbin::{bindir, chown_to_server, pg_command, sharedir};
-pub use poll::poll_until;
+pub use poll::{poll_until, try_poll_every, PollTimeout};
 /// The SQL client crate, re-exported so scenario tests use the very version the harness returns.
 pub use postgres;

@@ -28,14 +28,59 @@ pub fn poll_until(
     expected: &str,
     timeout: Duration,
 ) -> String {
+    match poll(cluster, db, query, expected, timeout, None) {
+        Ok(value) => value,
+        Err(timed_out) => panic!("{timed_out}"),
+    }
+}
+
+/// [`poll_until`] for measurements: polls every `interval` (no back-off, so the moment the value
+/// shows is known within `interval`) and returns `Err` on timeout instead of panicking, so a
+/// caller can report what did not finish. An invalid query still panics.
+pub fn try_poll_every(
+    cluster: &Cluster,
+    db: &str,
+    query: &str,
+    expected: &str,
+    timeout: Duration,
+    interval: Duration,
+) -> Result<String, PollTimeout> {
+    poll(cluster, db, query, expected, timeout, Some(interval))
+}
+
+/// A [`try_poll_every`] that did not see its value in time.
+#[derive(Debug, Clone)]
+pub struct PollTimeout {
+    /// The message [`poll_until`] panics with: query, expected and last value.
+    pub message: String,
+    /// The last value seen, rendered as in [`poll_until`].
+    pub last: String,
+}
+
+impl std::fmt::Display for PollTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PollTimeout {}
+
+fn poll(
+    cluster: &Cluster,
+    db: &str,
+    query: &str,
+    expected: &str,
+    timeout: Duration,
+    fixed_interval: Option<Duration>,
+) -> Result<String, PollTimeout> {
     let deadline = Instant::now() + timeout;
-    let mut interval = FIRST_INTERVAL;
+    let mut interval = fixed_interval.unwrap_or(FIRST_INTERVAL);
     let mut client: Option<Client> = None;
     let mut polls = 0u32;
     loop {
         polls += 1;
         let last = match poll_once(cluster, db, query, &mut client) {
-            Ok(value) if value == expected => return value,
+            Ok(value) if value == expected => return Ok(value),
             Ok(value) => value,
             Err(error) => {
                 if error.code() == Some(&SqlState::SYNTAX_ERROR) {
@@ -54,14 +99,19 @@ pub fn poll_until(
         };
         let now = Instant::now();
         if now >= deadline {
-            panic!(
-                "poll_until timed out after {timeout:?} ({polls} polls) on cluster {} database {db}\n\
-                 query: {query}\nexpected: {expected:?}\nlast value: {last:?}",
-                cluster.name
-            );
+            return Err(PollTimeout {
+                message: format!(
+                    "poll_until timed out after {timeout:?} ({polls} polls) on cluster {} database {db}\n\
+                     query: {query}\nexpected: {expected:?}\nlast value: {last:?}",
+                    cluster.name
+                ),
+                last,
+            });
         }
         thread::sleep(interval.min(deadline - now));
-        interval = (interval * 2).min(MAX_INTERVAL);
+        if fixed_interval.is_none() {
+            interval = (interval * 2).min(MAX_INTERVAL);
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use crate::owner::AsOwner;
 use crate::source::pgoutput::{Column, Tuple, Value};
 use crate::source::{quote_ident, Lsn};
 use pgrx::pg_sys;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 /// Why a change could not be applied.
@@ -387,7 +388,7 @@ impl Applier {
         // SAFETY: in the caller's transaction.
         unsafe {
             pg_sys::MemoryContextReset(self.change_context);
-            if !self.open.contains_key(&oid) {
+            if let Entry::Vacant(entry) = self.open.entry(oid) {
                 let relid = match &relation.local {
                     Some(local) => local.relid,
                     None => local::find_relid(&relation.namespace, &relation.name)
@@ -421,7 +422,7 @@ impl Applier {
                         }
                     }
                 }
-                self.open.insert(oid, OpenTable::new(rel));
+                entry.insert(OpenTable::new(rel));
             }
             let relation: &Relation = relation;
             let (Some(local), Some(table)) = (relation.local.as_ref(), self.open.get(&oid)) else {

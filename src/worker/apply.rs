@@ -213,8 +213,14 @@ struct Batch {
 
 /// The most source transactions one local commit carries.
 const BATCH_TRANSACTIONS: u64 = 1000;
-/// The longest a batch stays open, so progress and feedback keep moving.
-const BATCH_AGE: Duration = Duration::from_millis(500);
+/// The longest a batch stays open: the most a steady stream of small
+/// transactions (each arriving before the last is committed) adds to the
+/// lag, while a backlog still shares each commit among hundreds of them.
+const BATCH_AGE: Duration = Duration::from_millis(20);
+/// How often, at most, feedback goes out when the flushed position moved
+/// (as worker.c sends it whenever a position changed), so the slot's
+/// confirmed position follows the apply closely.
+const FEEDBACK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where the apply stands, between messages.
 struct State {
@@ -321,6 +327,7 @@ fn run(
     let mut received = from;
     let mut flushed = from;
     let mut last_status = Instant::now() - STATUS_INTERVAL;
+    let mut last_sent_flushed = flushed;
 
     loop {
         if txn::shutdown_requested() {
@@ -423,7 +430,9 @@ fn run(
         // When idle, ask for a keepalive every second: it carries the end of
         // the source's WAL, which is how an idle database shows no lag.
         let idle_poll = idle && last_status.elapsed() >= Duration::from_secs(1);
-        if reply_requested || last_status.elapsed() >= STATUS_INTERVAL || idle_poll {
+        let moved = flushed > last_sent_flushed && last_status.elapsed() >= FEEDBACK_INTERVAL;
+        if reply_requested || moved || last_status.elapsed() >= STATUS_INTERVAL || idle_poll {
+            last_sent_flushed = flushed;
             stream
                 .send_status(received, flushed, applied, idle_poll)
                 .map_err(|e| {

@@ -99,7 +99,7 @@ pub fn register() {
         c"How long the source password of an assessment that was not started is kept.",
         c"Then it is removed; a task keeps its own until it is completed or cancelled.",
         &SECRET_RETENTION,
-        60,
+        1,
         7 * 86400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
@@ -167,5 +167,5 @@ pub fn source_retry_timeout() -> Duration {
 
 /// See [`SECRET_RETENTION`].
 pub fn secret_retention_seconds() -> i64 {
-    i64::from(SECRET_RETENTION.get().max(60))
+    i64::from(SECRET_RETENTION.get().max(1))
 }

@@ -4,8 +4,8 @@
 use super::error::{ApiError, OrRaise};
 use super::secrecy::hide_statement_text;
 use crate::assess::source_facts::SourceDatabaseName;
-use crate::catalog::{as_extension_owner, secrets};
 use crate::catalog::tasks::{self, Phase};
+use crate::catalog::{as_extension_owner, secrets};
 use crate::source::{ConnInfo, ConnectOptions, Connection};
 use crate::worker::cleanup;
 use crate::worker::shared::{self, JobKind, JobState, JOBS, TASK};
@@ -95,9 +95,9 @@ fn start(assessment: i64, options: default!(JsonB, "'{}'")) -> i64 {
     let conninfo = as_extension_owner(|| {
         secrets::of_unstarted_assessment(assessment, crate::guc::secret_retention_seconds())
     })
-        .map_err(|e| ApiError::Catalog(format!("reading assessment: {e}")))
-        .or_raise()
-        .unwrap_or_else(|| ApiError::SecretGone(assessment).raise());
+    .map_err(|e| ApiError::Catalog(format!("reading assessment: {e}")))
+    .or_raise()
+    .unwrap_or_else(|| ApiError::SecretGone(assessment).raise());
     let info = ConnInfo::parse(&conninfo).or_raise();
 
     // The source must still be the assessed instance, and we learn its
@@ -187,11 +187,10 @@ fn start(assessment: i64, options: default!(JsonB, "'{}'")) -> i64 {
     // function left it): the roles step never grants more than it holds.
     // SAFETY: reads the current user id of this backend.
     let caller = unsafe { pg_sys::GetUserId() };
-    let id = as_extension_owner(|| {
-        tasks::create(assessment, &masked, options_value, &selected, caller)
-    })
-        .map_err(|e| ApiError::Catalog(format!("creating task: {e}")))
-        .or_raise();
+    let id =
+        as_extension_owner(|| tasks::create(assessment, &masked, options_value, &selected, caller))
+            .map_err(|e| ApiError::Catalog(format!("creating task: {e}")))
+            .or_raise();
     // The launcher starts the task worker once this transaction commits.
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, shared::wake_launcher);
     pgrx::notice!(

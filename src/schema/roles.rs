@@ -295,7 +295,8 @@ pub fn restrict(
                 .join(" ")
         ));
     }
-    for (role, attributes) in asked {
+    for (role, mut attributes) in asked {
+        attributes.sort_by_key(|a| PRIVILEGED_ATTRIBUTES.iter().position(|p| p == a));
         if created_set.contains(role.as_str()) {
             out.withheld
                 .insert(0, Withheld::Attributes { role, attributes });
@@ -438,7 +439,13 @@ mod tests {
             out.withheld[0],
             Withheld::Attributes {
                 role: "boss".into(),
-                attributes: vec!["SUPERUSER", "CREATEROLE", "CREATEDB", "REPLICATION", "BYPASSRLS"],
+                attributes: vec![
+                    "SUPERUSER",
+                    "REPLICATION",
+                    "BYPASSRLS",
+                    "CREATEROLE",
+                    "CREATEDB"
+                ],
             }
         );
         let settings: Vec<&str> = out
@@ -464,7 +471,7 @@ mod tests {
         );
         let message = out.withheld[0].message("mallory");
         assert!(
-            message.contains("ALTER ROLE \"boss\" WITH SUPERUSER CREATEROLE"),
+            message.contains("ALTER ROLE \"boss\" WITH SUPERUSER REPLICATION BYPASSRLS"),
             "{message}"
         );
     }
@@ -500,7 +507,13 @@ mod tests {
             superuser: true,
             ..CallerRights::default()
         };
-        let out = restrict(statements.clone(), &["maker".to_string()], &superuser, |_| false, |_| false);
+        let out = restrict(
+            statements.clone(),
+            &["maker".to_string()],
+            &superuser,
+            |_| false,
+            |_| false,
+        );
         assert_eq!(out.statements, statements);
         assert!(out.withheld.is_empty());
     }

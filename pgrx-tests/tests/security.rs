@@ -184,8 +184,8 @@ fn a_non_superuser_cannot_create_privileged_roles_through_a_migration() {
     assert_eq!(started_by, "mallory");
 }
 
-/// mallory puts a schema of theirs first in `search_path`, holding an `unnest(text[])` (what
-/// cloudmig's insert of the checks calls) and an `=` for bigint, each of which, when run by
+/// mallory puts a schema of theirs first in `search_path`, holding a `current_setting(text)` (what
+/// the destination checks of `assess` call) and an `=` for bigint (what reading an assessment uses), each of which, when run by
 /// anyone but mallory, makes mallory a superuser. Calls of cloudmig must never run them.
 #[test]
 fn a_hostile_search_path_never_runs_as_the_extension_owner() {
@@ -203,11 +203,10 @@ fn a_hostile_search_path_never_runs_as_the_extension_owner() {
                      ALTER ROLE mallory SUPERUSER;
                  END IF;
              END $$;
-             -- A multi-argument unnest in FROM is expanded into one call per array.
-             CREATE FUNCTION evil.unnest(a text[]) RETURNS SETOF text LANGUAGE plpgsql AS $$
+             CREATE FUNCTION evil.current_setting(name text) RETURNS text LANGUAGE plpgsql AS $$
              BEGIN
                  PERFORM evil.escalate();
-                 RETURN QUERY SELECT pg_catalog.unnest(a);
+                 RETURN pg_catalog.current_setting(name);
              END $$;
              CREATE FUNCTION evil.int8eq(a bigint, b bigint) RETURNS boolean LANGUAGE plpgsql AS $$
              BEGIN

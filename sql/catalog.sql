@@ -3,7 +3,8 @@
 -- Invariants:
 --  * source secrets (the full conninfo, password included) live only in
 --    cloudmig.source_secret, which nobody but the extension owner can read;
---    every other table and view holds the masked conninfo.
+--    every other table and view holds the masked conninfo. A secret is kept
+--    only while an assessment may still be started or its task needs it.
 --  * an assessment row and all its checks are written in the transaction of
 --    the cloudmig.assess() call that ran them: a reader never sees half of one.
 
@@ -50,9 +51,14 @@ COMMENT ON TABLE cloudmig.assessment_checks IS 'each check of an assessment: its
 
 -- Only the owner (the superuser who created the extension) can read or write
 -- this. cloudmig.assess() writes it as the owner, on behalf of its caller.
+-- A row lives only while something may still need the password: until the
+-- assessment is started or cloudmig.secret_retention has passed (the
+-- launcher removes it), then (task_id set, see tasks.sql) until its task is
+-- completed or cancelled.
 CREATE TABLE cloudmig.source_secret (
     assessment_id   bigint PRIMARY KEY REFERENCES cloudmig.assessments (id) ON DELETE CASCADE,
-    conninfo        text   NOT NULL
+    conninfo        text   NOT NULL,
+    stored_at       timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
 );
 COMMENT ON TABLE cloudmig.source_secret IS 'full source conninfo (password included); readable by the extension owner only';
 REVOKE ALL ON cloudmig.source_secret FROM PUBLIC;

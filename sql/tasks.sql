@@ -23,6 +23,9 @@ CREATE TABLE cloudmig.task (
                                      'completed', 'failed', 'cancelled')),
     phase_since     timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     requested_by    name        NOT NULL DEFAULT session_user,
+    -- The role that called cloudmig.start() (current_user, not the session
+    -- user): the migration never gives roles more than this one could.
+    started_by      oid,
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     copy_started_at timestamptz,
     finished_at     timestamptz,
@@ -71,6 +74,11 @@ CREATE TABLE cloudmig.table_copy (
     finished_at     timestamptz,
     PRIMARY KEY (task_id, datname, schema_name, table_name)
 );
+
+-- The secret of a started assessment belongs to its task from then on, and
+-- is removed in the transaction that completes or cancels the task.
+ALTER TABLE cloudmig.source_secret
+    ADD COLUMN task_id bigint UNIQUE REFERENCES cloudmig.task (id) ON DELETE CASCADE;
 
 CREATE TABLE cloudmig.events (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -38,6 +38,10 @@ static DATABASE: GucSetting<Option<std::ffi::CString>> =
 /// unavailable before it fails.
 static SOURCE_RETRY_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(300);
 
+/// How long, in seconds, the source password of an assessment is kept for a
+/// `cloudmig.start()` that has not come yet; then the launcher removes it.
+static SECRET_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(3600);
+
 /// Registers every setting; called once from `_PG_init`.
 pub fn register() {
     GucRegistry::define_int_guc(
@@ -87,6 +91,16 @@ pub fn register() {
         &SOURCE_RETRY_TIMEOUT,
         0,
         86400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"cloudmig.secret_retention",
+        c"How long the source password of an assessment that was not started is kept.",
+        c"Then it is removed; a task keeps its own until it is completed or cancelled.",
+        &SECRET_RETENTION,
+        1,
+        7 * 86400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
@@ -149,4 +163,9 @@ pub fn database() -> String {
 /// See [`SOURCE_RETRY_TIMEOUT`].
 pub fn source_retry_timeout() -> Duration {
     Duration::from_secs(SOURCE_RETRY_TIMEOUT.get().max(0) as u64)
+}
+
+/// See [`SECRET_RETENTION`].
+pub fn secret_retention_seconds() -> i64 {
+    i64::from(SECRET_RETENTION.get().max(1))
 }

@@ -139,6 +139,9 @@ fn changes_of_every_kind_are_applied_once_and_switchover_completes() {
     let downtime: i64 = row.get(0);
     assert!(downtime >= 0);
     wait(&dest, task, "completed");
+    // A completed task keeps no source password.
+    let secrets: i64 = dest.query_scalar("postgres", "SELECT count(*) FROM cloudmig.source_secret");
+    assert_eq!(secrets, 0, "a completed task keeps no password");
     // The source refuses writes now, and keeps no slot or publication of ours.
     let refused = source
         .client("app")

@@ -13,7 +13,7 @@ use crate::catalog::as_extension_owner;
 use crate::catalog::assessments::{self, NewAssessment};
 use crate::guc;
 use crate::source::ConnInfo;
-use crate::worker::shared::AssessmentClaim;
+use crate::worker::shared::{AssessmentClaim, CONNINFO_CAPACITY};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde::Deserialize;
@@ -77,6 +77,16 @@ fn assess(source: &str, options: default!(JsonB, "'{}'")) -> i64 {
     if unsafe { pg_sys::RecoveryInProgress() } {
         ApiError::DestinationIsStandby.raise();
     }
+    // Workers get the connection string through shared memory, whole or not
+    // at all: refuse now what could not be passed on later.
+    let secret_source = info.to_conninfo_string();
+    if secret_source.len() > CONNINFO_CAPACITY {
+        ApiError::ConnInfoTooLong {
+            length: secret_source.len(),
+            capacity: CONNINFO_CAPACITY,
+        }
+        .raise();
+    }
     let superuser = caller_is_superuser();
     if info.passfile.is_some() && !superuser && !caller_has_role(c"pg_read_server_files") {
         ApiError::PassfileNotAllowed.raise();
@@ -130,7 +140,7 @@ fn assess(source: &str, options: default!(JsonB, "'{}'")) -> i64 {
     };
     let id = assessments::insert(NewAssessment {
         masked_source: &info.masked(),
-        secret_source: &info.to_conninfo_string(),
+        secret_source: &secret_source,
         options: options_value,
         started_at,
         report: &report,

@@ -48,6 +48,16 @@ pub enum ApiError {
     },
     #[error("switchover refused: {message}")]
     SwitchoverRefused { message: String, hint: String },
+    #[error("the source password of assessment {0} is no longer kept")]
+    SecretGone(i64),
+    #[error("task {0} is {1}: it has no source password to replace")]
+    TaskFinished(i64, String),
+    #[error("task {0} has no source connection string any more")]
+    TaskSecretGone(i64),
+    #[error("the password must not be null or empty")]
+    EmptyPassword,
+    #[error("the source connection string would be {length} bytes long, more than the {capacity} bytes cloudmig can pass to its workers")]
+    ConnInfoTooLong { length: usize, capacity: usize },
     #[error("catalog access failed: {0}")]
     Catalog(String),
     #[error("{0}")]
@@ -73,6 +83,11 @@ impl ApiError {
             ApiError::TaskActive(_) | ApiError::WorkerBusy(..) => ERRCODE_OBJECT_IN_USE,
             ApiError::WaitTimeout { .. } => ERRCODE_QUERY_CANCELED,
             ApiError::SwitchoverRefused { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            ApiError::SecretGone(_) | ApiError::TaskFinished(..) | ApiError::TaskSecretGone(_) => {
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            ApiError::EmptyPassword => ERRCODE_INVALID_PARAMETER_VALUE,
+            ApiError::ConnInfoTooLong { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             ApiError::Catalog(_) => ERRCODE_INTERNAL_ERROR,
             ApiError::Source(_) => ERRCODE_CONNECTION_FAILURE,
         }
@@ -127,6 +142,20 @@ impl ApiError {
             ApiError::WorkerBusy(..) => Some("Try again; see the server log.".into()),
             ApiError::WaitTimeout { .. } => Some("Wait longer, or watch cloudmig.tasks.".into()),
             ApiError::SwitchoverRefused { hint, .. } => (!hint.is_empty()).then(|| hint.clone()),
+            ApiError::SecretGone(_) => Some(
+                "Its password was removed after cloudmig.secret_retention, or a task started \
+                 from it is finished: assess again and start from the new assessment."
+                    .into(),
+            ),
+            ApiError::TaskFinished(..) => None,
+            ApiError::TaskSecretGone(id) => Some(format!(
+                "Cancel it with SELECT cloudmig.cancel({id}); and start anew from a new assessment."
+            )),
+            ApiError::EmptyPassword => None,
+            ApiError::ConnInfoTooLong { .. } => Some(
+                "Shorten the connection string (host names, application_name) or the password."
+                    .into(),
+            ),
             ApiError::Catalog(_) => None,
             ApiError::Source(error) => error.hint(),
         }

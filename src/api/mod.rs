@@ -23,6 +23,8 @@ REVOKE ALL ON FUNCTION cloudmig.start(bigint, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.start(bigint, jsonb) TO cloudmig_admin;
 REVOKE ALL ON FUNCTION cloudmig.cancel(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.cancel(bigint) TO cloudmig_admin;
+REVOKE ALL ON FUNCTION cloudmig.set_source_password(bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cloudmig.set_source_password(bigint, text) TO cloudmig_admin;
 REVOKE ALL ON FUNCTION cloudmig.wait(bigint, text, interval) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.wait(bigint, text, interval) TO cloudmig_admin;
 REVOKE ALL ON FUNCTION cloudmig.switchover(bigint, jsonb) FROM PUBLIC;

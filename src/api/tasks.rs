@@ -2,9 +2,10 @@
 //! progress behind the `cloudmig.tasks` and `cloudmig.table_progress` views.
 
 use super::error::{ApiError, OrRaise};
+use super::secrecy::hide_statement_text;
 use crate::assess::source_facts::SourceDatabaseName;
-use crate::catalog::as_extension_owner;
 use crate::catalog::tasks::{self, Phase};
+use crate::catalog::{as_extension_owner, secrets};
 use crate::source::{ConnInfo, ConnectOptions, Connection};
 use crate::worker::cleanup;
 use crate::worker::shared::{self, JobKind, JobState, JOBS, TASK};
@@ -60,12 +61,11 @@ fn start(assessment: i64, options: default!(JsonB, "'{}'")) -> i64 {
     if unsafe { pg_sys::RecoveryInProgress() } {
         ApiError::DestinationIsStandby.raise();
     }
-    let (passed, masked, system_identifier, conninfo) = as_extension_owner(|| {
+    let (passed, masked, system_identifier) = as_extension_owner(|| {
         Spi::connect(|client| {
             let mut rows = client.select(
-                "SELECT a.passed, a.source, a.source_system_identifier, s.conninfo \
-                   FROM cloudmig.assessments a LEFT JOIN cloudmig.source_secret s ON s.assessment_id = a.id \
-                  WHERE a.id = $1",
+                "SELECT a.passed, a.source, a.source_system_identifier \
+                   FROM cloudmig.assessments a WHERE a.id = $1",
                 None,
                 &[assessment.into()],
             )?;
@@ -76,7 +76,6 @@ fn start(assessment: i64, options: default!(JsonB, "'{}'")) -> i64 {
                 row.get::<bool>(1)?.unwrap_or(false),
                 row.get::<String>(2)?.unwrap_or_default(),
                 row.get::<String>(3)?,
-                row.get::<String>(4)?.unwrap_or_default(),
             )))
         })
     })
@@ -92,6 +91,13 @@ fn start(assessment: i64, options: default!(JsonB, "'{}'")) -> i64 {
     {
         ApiError::TaskActive(active).raise();
     }
+    // Read after the checks above: a refused call never touches the secret.
+    let conninfo = as_extension_owner(|| {
+        secrets::of_unstarted_assessment(assessment, crate::guc::secret_retention_seconds())
+    })
+    .map_err(|e| ApiError::Catalog(format!("reading assessment: {e}")))
+    .or_raise()
+    .unwrap_or_else(|| ApiError::SecretGone(assessment).raise());
     let info = ConnInfo::parse(&conninfo).or_raise();
 
     // The source must still be the assessed instance, and we learn its
@@ -177,9 +183,14 @@ fn start(assessment: i64, options: default!(JsonB, "'{}'")) -> i64 {
             ApiError::TablesWithoutIdentity(without_identity).raise();
         }
     }
-    let id = as_extension_owner(|| tasks::create(assessment, &masked, options_value, &selected))
-        .map_err(|e| ApiError::Catalog(format!("creating task: {e}")))
-        .or_raise();
+    // The caller's own role (current_user, as SET ROLE or a SECURITY DEFINER
+    // function left it): the roles step never grants more than it holds.
+    // SAFETY: reads the current user id of this backend.
+    let caller = unsafe { pg_sys::GetUserId() };
+    let id =
+        as_extension_owner(|| tasks::create(assessment, &masked, options_value, &selected, caller))
+            .map_err(|e| ApiError::Catalog(format!("creating task: {e}")))
+            .or_raise();
     // The launcher starts the task worker once this transaction commits.
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, shared::wake_launcher);
     pgrx::notice!(
@@ -234,18 +245,20 @@ fn cancel(task: i64) {
         check_for_interrupts();
     }
     let result = as_extension_owner(|| -> Result<Vec<String>, pgrx::spi::Error> {
-        let conninfo = Spi::get_one_with_args::<String>(
-            "SELECT conninfo FROM cloudmig.source_secret WHERE assessment_id = $1",
-            &[loaded.assessment_id.into()],
-        )?
-        .unwrap_or_default();
+        let conninfo = secrets::of_task(task)?;
         let databases: Vec<String> = tasks::databases(task)?
             .into_iter()
             .map(|d| d.datname)
             .collect();
-        let problems = match ConnInfo::parse(&conninfo) {
-            Ok(info) => cleanup::drop_source_objects(&info, task, &databases, check_for_interrupts),
-            Err(e) => vec![format!("invalid source connection string: {e}")],
+        let problems = match conninfo.as_deref().map(ConnInfo::parse) {
+            Some(Ok(info)) => {
+                cleanup::drop_source_objects(&info, task, &databases, check_for_interrupts)
+            }
+            Some(Err(e)) => vec![format!("invalid source connection string: {e}")],
+            None => vec![format!(
+                "task {task} has no source connection string any more, so its replication \
+                 slots and publications were not dropped"
+            )],
         };
         for problem in &problems {
             tasks::add_event(
@@ -269,6 +282,55 @@ fn cancel(task: i64) {
     for problem in problems {
         pgrx::warning!("cloudmig: {problem}");
     }
+}
+
+/// Replaces the source password of a task that is not finished, e.g. after
+/// it was rotated on the source: the workers use it from their next
+/// connection (a running task's database and apply workers at once, the task
+/// worker when it next starts or retries). Never shows the password.
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_source_password(task: i64, password: Option<&str>) {
+    hide_statement_text("SELECT cloudmig.set_source_password(<task>, <password hidden>)");
+    let Some(password) = password.filter(|p| !p.is_empty()) else {
+        ApiError::EmptyPassword.raise()
+    };
+    let loaded = tasks::load(task)
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise()
+        .unwrap_or_else(|| ApiError::UnknownTask(task).raise());
+    if matches!(loaded.phase, Phase::Completed | Phase::Cancelled) {
+        ApiError::TaskFinished(task, loaded.phase.to_string()).raise();
+    }
+    let conninfo = as_extension_owner(|| secrets::of_task(task))
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise()
+        .unwrap_or_else(|| ApiError::TaskSecretGone(task).raise());
+    let mut info = ConnInfo::parse(&conninfo).or_raise();
+    info.password = Some(password.to_string());
+    let conninfo = info.to_conninfo_string();
+    if conninfo.len() > shared::CONNINFO_CAPACITY {
+        ApiError::ConnInfoTooLong {
+            length: conninfo.len(),
+            capacity: shared::CONNINFO_CAPACITY,
+        }
+        .raise();
+    }
+    let replaced = as_extension_owner(|| secrets::replace_for_task(task, &conninfo))
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise();
+    if !replaced {
+        ApiError::TaskSecretGone(task).raise();
+    }
+    // Workers read the connection string from shared memory when they
+    // connect; hand them the new one only once it is committed.
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
+        let mut activity = TASK.exclusive();
+        if activity.task_id == task && activity.worker_pid != 0 {
+            // Fits: checked against the capacity above.
+            let _ = activity.conninfo.set_whole(&conninfo);
+        }
+    });
+    pgrx::notice!("the source password of task {task} was replaced");
 }
 
 /// Blocks until `task` reaches `phase` (or a later one), raising a NOTICE

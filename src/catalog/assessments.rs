@@ -1,4 +1,5 @@
-//! `cloudmig.assessments`, `cloudmig.assessment_checks`, `cloudmig.source_secret`.
+//! `cloudmig.assessments` and `cloudmig.assessment_checks` (the secret goes
+//! to [`super::secrets`]).
 
 use crate::assess::{CheckStatus, Report};
 use pgrx::prelude::*;
@@ -60,10 +61,7 @@ pub fn insert(new: NewAssessment<'_>) -> Result<i64, pgrx::spi::Error> {
                     WITH ORDINALITY AS t(name, status, detail, fix, ordinal)",
             &[id.into(), names.into(), statuses.into(), details.into(), fixes.into()],
         )?;
-        Spi::run_with_args(
-            "INSERT INTO cloudmig.source_secret (assessment_id, conninfo) VALUES ($1, $2)",
-            &[id.into(), new.secret_source.into()],
-        )?;
+        super::secrets::store(id, new.secret_source)?;
         Ok(id)
     })
 }

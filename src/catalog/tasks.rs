@@ -91,6 +91,9 @@ pub struct Task {
     pub assessment_id: i64,
     pub phase: Phase,
     pub options: serde_json::Value,
+    /// The role that called `cloudmig.start()`; None for a task of an older
+    /// version (treated as a role with no rights to hand out).
+    pub started_by: Option<pg_sys::Oid>,
 }
 
 /// A database of a task.
@@ -122,18 +125,30 @@ pub struct PlannedTable {
 
 type SpiResult<T> = Result<T, pgrx::spi::Error>;
 
-/// Creates a task for a passed assessment, with one row per database; returns its id.
+/// Creates a task for a passed assessment, with one row per database, on
+/// behalf of role `started_by` (the caller of `start`); the assessment's
+/// secret now belongs to the task. Returns the task's id.
 pub fn create(
     assessment_id: i64,
     masked_source: &str,
     options: serde_json::Value,
     databases: &[(String, Option<i64>)],
+    started_by: pg_sys::Oid,
 ) -> SpiResult<i64> {
     let id = Spi::get_one_with_args::<i64>(
-        "INSERT INTO cloudmig.task (assessment_id, source, options) VALUES ($1, $2, $3) RETURNING id",
-        &[assessment_id.into(), masked_source.into(), pgrx::JsonB(options).into()],
+        "INSERT INTO cloudmig.task (assessment_id, source, options, started_by, requested_by) \
+         SELECT $1, $2, $3, $4, coalesce((SELECT rolname FROM pg_catalog.pg_roles WHERE oid = $4), \
+                                         session_user) \
+         RETURNING id",
+        &[
+            assessment_id.into(),
+            masked_source.into(),
+            pgrx::JsonB(options).into(),
+            started_by.into(),
+        ],
     )?
-    .unwrap_or_default();
+    .ok_or(pgrx::spi::Error::NoTupleTable)?;
+    super::secrets::give_to_task(assessment_id, id)?;
     for (ordinal, (datname, size)) in databases.iter().enumerate() {
         Spi::run_with_args(
             "INSERT INTO cloudmig.task_database (task_id, ordinal, datname, size_bytes, slot_name) \
@@ -174,7 +189,7 @@ pub fn active_task_id() -> SpiResult<Option<i64>> {
 pub fn load(task_id: i64) -> SpiResult<Option<Task>> {
     Spi::connect(|client| {
         let mut rows = client.select(
-            "SELECT id, assessment_id, phase, options FROM cloudmig.task WHERE id = $1",
+            "SELECT id, assessment_id, phase, options, started_by FROM cloudmig.task WHERE id = $1",
             None,
             &[task_id.into()],
         )?;
@@ -187,12 +202,18 @@ pub fn load(task_id: i64) -> SpiResult<Option<Task>> {
             assessment_id: row.get(2)?.unwrap_or_default(),
             phase: Phase::parse(&phase).unwrap_or(Phase::Failed),
             options: row.get::<pgrx::JsonB>(4)?.map(|j| j.0).unwrap_or_default(),
+            started_by: row.get::<pg_sys::Oid>(5)?,
         }))
     })
 }
 
-/// Moves a task to `phase` and logs it, in the current transaction.
+/// Moves a task to `phase` and logs it, in the current transaction. A task
+/// that is completed or cancelled needs its source password no more: its
+/// secret goes in the same transaction.
 pub fn set_phase(task_id: i64, phase: Phase, message: &str) -> SpiResult<()> {
+    if matches!(phase, Phase::Completed | Phase::Cancelled) {
+        super::secrets::forget_task(task_id)?;
+    }
     Spi::run_with_args(
         "UPDATE cloudmig.task SET phase = $2, phase_since = pg_catalog.clock_timestamp(), \
                 finished_at = CASE WHEN $2 IN ('completed', 'failed', 'cancelled') \

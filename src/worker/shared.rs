@@ -112,10 +112,25 @@ impl<const N: usize> FixedText<N> {
         self.len = end;
     }
 
+    /// Stores `text` whole, or refuses (with the capacity) when it does not
+    /// fit: for values that must never be cut, such as a connection string.
+    pub fn set_whole(&mut self, text: &str) -> Result<(), usize> {
+        if text.len() > N {
+            return Err(N);
+        }
+        self.set(text);
+        Ok(())
+    }
+
     pub fn get(&self) -> String {
         String::from_utf8_lossy(&self.bytes[..self.len.min(N)]).into_owned()
     }
 }
+
+/// Longest source connection string (password included, in bytes) a task
+/// can hand its workers through shared memory; `assess` and
+/// `set_source_password` refuse longer ones instead of cutting them.
+pub const CONNINFO_CAPACITY: usize = 2048;
 
 /// The task being run, and who runs it.
 #[derive(Copy, Clone, Default)]
@@ -125,8 +140,9 @@ pub struct TaskActivity {
     pub worker_pid: i32,
     /// The source conninfo, password included, for the database workers (they
     /// cannot read the control database's secrets table). Shared memory is
-    /// not reachable from SQL.
-    pub conninfo: FixedText<2048>,
+    /// not reachable from SQL. Set whole or not at all (`set_whole`): the API
+    /// refuses longer connection strings ([`CONNINFO_CAPACITY`]).
+    pub conninfo: FixedText<CONNINFO_CAPACITY>,
     /// `cloudmig.cancel()` asked this task to stop (shared memory, so the
     /// request is seen at once, without waiting for the caller to commit).
     pub cancel_task_id: i64,

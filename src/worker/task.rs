@@ -26,6 +26,7 @@
 use super::jobs::{self, Job, JobResult, Stop};
 use super::shared::{self, JobKind, TASK};
 use super::txn::{self, Failure};
+use crate::catalog::secrets;
 use crate::catalog::tasks::{self, Phase, PlannedTable, TableCopy, Task, TaskDatabase};
 use crate::copy::SOURCE_TABLES_SQL;
 use crate::schema::{dump, execute, roles, script};
@@ -63,6 +64,9 @@ pub extern "C-unwind" fn cloudmig_task_main(arg: pg_sys::Datum) {
     let task_id = arg.value() as i64;
     txn::serve_task(task_id);
     BackgroundWorker::connect_worker_to_spi(Some(&crate::guc::database()), None);
+    // As the bootstrap superuser, in a database members of cloudmig_admin
+    // may create objects in: nothing of theirs may be found by name.
+    crate::catalog::pin_search_path(pg_sys::GucAction::GUC_ACTION_SET);
     // SAFETY: MyProcPid is set at process start.
     let my_pid = unsafe { pg_sys::MyProcPid };
     {
@@ -143,6 +147,17 @@ fn run_with_retries(task_id: i64) -> Result<(), Stop> {
     }
 }
 
+/// The role that started a task, and what it may grant.
+#[derive(Default)]
+struct CallerGrants {
+    name: String,
+    rights: roles::CallerRights,
+    /// Roles existing here it may grant membership in.
+    grantable: HashSet<String>,
+    /// Settings any user may set (pg_settings' `context = 'user'`), lower case.
+    user_settings: HashSet<String>,
+}
+
 /// A snapshot exported by a replication connection that stays open.
 pub(super) struct HeldSnapshot {
     connection: Connection,
@@ -169,20 +184,31 @@ impl Runner {
             let Some(task) = tasks::load(task_id)? else {
                 return Ok(None);
             };
-            let conninfo = Spi::get_one_with_args::<String>(
-                "SELECT conninfo FROM cloudmig.source_secret WHERE assessment_id = $1",
-                &[task.assessment_id.into()],
-            )?;
+            let conninfo = secrets::of_task(task_id)?;
             let starts = tasks::note_worker_start(task_id)?;
-            Ok(Some((task, conninfo.unwrap_or_default(), starts)))
+            Ok(Some((task, conninfo, starts)))
         })?
         .ok_or_else(|| Stop::Failed(Failure::new(format!("task {task_id} does not exist"))))?;
+        // A missing secret is an error, never an empty connection string.
+        let conninfo = conninfo.ok_or_else(|| {
+            Stop::Failed(Failure::with_hint(
+                format!("task {task_id} has no source connection string any more"),
+                "Cancel it with cloudmig.cancel(); start a new one from a new assessment.",
+            ))
+        })?;
         let info = ConnInfo::parse(&conninfo).map_err(|e| {
             Stop::Failed(Failure::new(format!(
                 "invalid source connection string: {e}"
             )))
         })?;
-        TASK.exclusive().conninfo.set(&conninfo);
+        TASK.exclusive()
+            .conninfo
+            .set_whole(&conninfo)
+            .map_err(|capacity| {
+                Stop::Failed(Failure::new(format!(
+                    "the source connection string is longer than {capacity} bytes"
+                )))
+            })?;
         let copy_workers = task
             .options
             .get("copy_workers")
@@ -314,6 +340,59 @@ impl Runner {
         .map_err(|e| Stop::Failed(Failure::new(e.to_string())))
     }
 
+    /// What the role that started this task may grant (see
+    /// `roles::restrict`), read here and now: a role dropped or demoted
+    /// since `start` hands out nothing more than it has now.
+    fn caller_rights(&self) -> Result<CallerGrants, Stop> {
+        let started_by = self.task.started_by.unwrap_or(pg_sys::InvalidOid);
+        Ok(txn::spi(|| {
+            Spi::connect(|client| {
+                let mut grants = CallerGrants {
+                    name: format!("the role with oid {}", u32::from(started_by)),
+                    ..CallerGrants::default()
+                };
+                let rows = client.select(
+                    "SELECT rolname::text, rolsuper, rolcreaterole, rolcreatedb \
+                       FROM pg_catalog.pg_authid WHERE oid = $1",
+                    None,
+                    &[started_by.into()],
+                )?;
+                for row in rows {
+                    grants.name = row.get::<String>(1)?.unwrap_or_default();
+                    grants.rights = roles::CallerRights {
+                        superuser: row.get::<bool>(2)?.unwrap_or(false),
+                        createrole: row.get::<bool>(3)?.unwrap_or(false),
+                        createdb: row.get::<bool>(4)?.unwrap_or(false),
+                    };
+                }
+                if grants.rights.superuser {
+                    return Ok(grants);
+                }
+                // As PostgreSQL 15's GRANT checks a non-superuser: never a
+                // superuser role; others with CREATEROLE or ADMIN OPTION.
+                grants.grantable = client
+                    .select(
+                        "SELECT rolname::text FROM pg_catalog.pg_roles \
+                          WHERE NOT rolsuper \
+                            AND ($2 OR pg_catalog.pg_has_role($1, oid, 'MEMBER WITH ADMIN OPTION'))",
+                        None,
+                        &[started_by.into(), grants.rights.createrole.into()],
+                    )?
+                    .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+                    .collect::<Result<_, _>>()?;
+                grants.user_settings = client
+                    .select(
+                        "SELECT pg_catalog.lower(name) FROM pg_catalog.pg_settings WHERE context = 'user'",
+                        None,
+                        &[],
+                    )?
+                    .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+                    .collect::<Result<_, _>>()?;
+                Ok(grants)
+            })
+        })?)
+    }
+
     fn copy_roles(&mut self) -> Result<(), Stop> {
         let first_db = self
             .info
@@ -353,11 +432,23 @@ impl Runner {
             .into_iter()
             .filter(|r| !existing.contains(r))
             .collect();
+        let caller = self.caller_rights()?;
+        let restricted = roles::restrict(
+            statements,
+            &created,
+            &caller.rights,
+            |role| caller.grantable.contains(role),
+            |setting| caller.user_settings.contains(&setting.to_lowercase()),
+        );
         let id = self.task.id;
         txn::run(|| {
-            for statement in &statements {
+            for statement in &restricted.statements {
                 execute::run_utf8(statement)
                     .map_err(|e| Failure::new(format!("{e} (in: {statement})")))?;
+            }
+            for withheld in &restricted.withheld {
+                tasks::add_event(id, None, "warning", &withheld.message(&caller.name))
+                    .map_err(|e| Failure::new(e.to_string()))?;
             }
             let kept = existing.len();
             let mut message = format!("{} role(s) created", created.len());

@@ -79,8 +79,7 @@ fn assess(source: &str, options: default!(JsonB, "'{}'")) -> i64 {
     }
     let superuser = caller_is_superuser();
     // The passfile and TLS files are read by the server process with its own rights.
-    if !info.server_files().is_empty() && !superuser && !caller_has_role(c"pg_read_server_files")
-    {
+    if !info.server_files().is_empty() && !superuser && !caller_has_role(c"pg_read_server_files") {
         ApiError::PassfileNotAllowed.raise();
     }
     let _claim = AssessmentClaim::acquire()

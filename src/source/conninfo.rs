@@ -1158,6 +1158,92 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_auth_keys() {
+        let info = parse(
+            "host=db sslmode=verify-ca sslrootcert=/r.crt sslcert=/c.crt sslkey=/c.key \
+             sslnegotiation=postgres channel_binding=require require_auth=md5,scram-sha-256",
+        );
+        assert_eq!(info.sslrootcert, Some(RootCert::File("/r.crt".into())));
+        assert_eq!(info.sslcert, Some(PathBuf::from("/c.crt")));
+        assert_eq!(info.sslkey, Some(PathBuf::from("/c.key")));
+        assert_eq!(info.channel_binding, ChannelBindingMode::Require);
+        let auth = info.require_auth.clone().expect("require_auth");
+        assert!(auth.allows(AuthMethod::Md5) && auth.names(AuthMethod::Md5));
+        assert!(!auth.allows(AuthMethod::Password) && !auth.allows(AuthMethod::None));
+        assert_eq!(
+            info.server_files(),
+            [
+                Path::new("/r.crt"),
+                Path::new("/c.crt"),
+                Path::new("/c.key")
+            ]
+        );
+        assert_eq!(parse(&info.to_conninfo_string()), info);
+        // Client programs get what PostgreSQL 15's libpq knows.
+        let program = info.for_client_program("d");
+        assert!(program.contains("sslrootcert=/r.crt sslcert=/c.crt sslkey=/c.key"));
+        assert!(program.contains("channel_binding=require"));
+        assert!(!program.contains("require_auth"), "{program}");
+
+        let negated = parse("require_auth=!password,!md5")
+            .require_auth
+            .expect("set");
+        assert!(negated.negated && !negated.allows(AuthMethod::Md5));
+        assert!(negated.allows(AuthMethod::ScramSha256) && negated.allows(AuthMethod::None));
+        assert!(!negated.names(AuthMethod::ScramSha256));
+        assert_eq!(negated.to_string(), "!password,!md5");
+
+        // sslrootcert=system implies verify-full and refuses anything weaker, as libpq 16.
+        let system = parse("host=db sslrootcert=system");
+        assert_eq!(system.sslmode, SslMode::VerifyFull);
+        assert_eq!(parse(&system.to_conninfo_string()), system);
+        assert!(system.server_files().is_empty());
+        assert!(matches!(
+            parse_err("host=db sslrootcert=system sslmode=require"),
+            ConnInfoError::ConflictingTlsOptions(m) if m.contains("weak sslmode \"require\"")
+        ));
+        // Direct TLS never falls back, as libpq 17.
+        assert_eq!(
+            parse("sslnegotiation=direct sslmode=require").sslnegotiation,
+            SslNegotiation::Direct
+        );
+        assert!(matches!(
+            parse_err("sslnegotiation=direct"),
+            ConnInfoError::ConflictingTlsOptions(m) if m.contains("sslnegotiation=direct")
+        ));
+    }
+
+    #[test]
+    fn tls_and_auth_errors() {
+        assert_eq!(
+            parse_err("sslnegotiation=maybe"),
+            ConnInfoError::InvalidSslNegotiation("maybe".into())
+        );
+        assert_eq!(
+            parse_err("channel_binding=always"),
+            ConnInfoError::InvalidChannelBinding("always".into())
+        );
+        for (s, what) in [
+            ("require_auth=kerberos", "invalid value \"kerberos\""),
+            (
+                "require_auth=md5,!password",
+                "cannot be mixed with non-negative",
+            ),
+            (
+                "require_auth=!md5,password",
+                "cannot be mixed with negative",
+            ),
+            ("require_auth=md5,md5", "more than once"),
+            ("require_auth=md5,", "invalid value \"\""),
+        ] {
+            match parse_err(s) {
+                ConnInfoError::InvalidRequireAuth(m) => assert!(m.contains(what), "{s}: {m}"),
+                other => panic!("{s}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn uri_form() {
         let info = parse("postgresql://al%40ice:p%3Ass%2F@db.example.com:6543/my%20db?sslmode=disable&application_name=x%26y");
         assert_eq!(info.user.as_deref(), Some("al@ice"));

@@ -98,10 +98,12 @@ pub(super) fn setup(info: &ConnInfo) -> Result<TlsSetup, TlsConfigError> {
                 ))
             })?
         }
-        (Some(cert), None) => return Err(TlsConfigError(format!(
+        (Some(cert), None) => {
+            return Err(TlsConfigError(format!(
             "sslcert \"{}\" needs sslkey (the default ~/.postgresql/postgresql.key is not read)",
             cert.display()
-        ))),
+        )))
+        }
         (None, Some(_)) => {
             return Err(TlsConfigError(
                 "sslkey needs sslcert (the client certificate it belongs to)".to_owned(),

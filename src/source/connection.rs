@@ -358,15 +358,14 @@ impl Connection {
             .unwrap_or(default_application_name);
         let unix = info.socket_path().is_some();
         // Read the certificate files first: a bad one fails before touching the network.
-        let tls_setup = |info: &ConnInfo| {
-            tls::setup(info).map_err(|e| SourceError::TlsConfig {
+        let tls_setup = if unix || info.sslmode == SslMode::Disable {
+            None
+        } else {
+            Some(tls::setup(info).map_err(|e| SourceError::TlsConfig {
                 target: target.clone(),
                 reason: e.0,
-            })
+            })?)
         };
-        if !unix && info.sslmode != SslMode::Disable {
-            tls_setup(info)?;
-        }
         let attempts: &[Attempt] = match info.sslmode {
             _ if unix => &[Attempt::Plain],
             SslMode::Disable => &[Attempt::Plain],
@@ -399,9 +398,9 @@ impl Connection {
                 write_timeout: None,
             };
             let budget = Budget::fixed("authentication", info.connect_timeout);
-            let outcome = match attempt {
-                Attempt::Plain => Ok(()),
-                Attempt::Tls => conn.negotiate_tls(info, tls_setup(info)?, budget),
+            let outcome = match (attempt, &tls_setup) {
+                (Attempt::Tls, Some(setup)) => conn.negotiate_tls(info, setup.clone(), budget),
+                _ => Ok(()),
             }
             .and_then(|()| conn.startup(info, &user, &dbname, &application_name, budget));
             match outcome {

@@ -41,6 +41,7 @@ pub(super) const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 pub struct TlsConfigError(pub String);
 
 /// A client configuration and what it promises about the server.
+#[derive(Clone)]
 pub(super) struct TlsSetup {
     /// The rustls configuration for one connection.
     pub config: Arc<ClientConfig>,

@@ -57,6 +57,7 @@ pub struct ClusterBuilder {
     conf: Vec<String>,
     hba: Option<Vec<String>>,
     init_sql: Vec<String>,
+    files: Vec<(String, Vec<u8>)>,
 }
 
 impl ClusterBuilder {
@@ -69,6 +70,7 @@ impl ClusterBuilder {
             conf: Vec::new(),
             hba: None,
             init_sql: Vec::new(),
+            files: Vec::new(),
         }
     }
 
@@ -95,6 +97,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Puts a file in the data directory before the server starts, readable by the server only
+    /// (mode 0600, as it wants its TLS key): e.g. `server.crt` and `server.key` for `ssl = on`.
+    pub fn data_file(mut self, name: &str, contents: &[u8]) -> Self {
+        self.files.push((name.to_owned(), contents.to_vec()));
+        self
+    }
+
     /// SQL run as superuser in database `postgres` after start (roles, databases, data);
     /// several calls run in order.
     pub fn init_sql(mut self, sql: &str) -> Self {
@@ -110,6 +119,9 @@ impl ClusterBuilder {
         init_data_dir(&data_dir);
         self.write_conf(&data_dir, &workdir.socket_dir);
         self.write_hba(&data_dir);
+        for (name, contents) in &self.files {
+            write_private_file(&data_dir.join(name), contents);
+        }
         let port = start_server(&self.name, &data_dir, &log_file, free_port);
         let cluster = Cluster {
             name: self.name,
@@ -318,6 +330,15 @@ impl Cluster {
         cmd
     }
 
+    /// Writes a file into the data directory, owned by the server user with mode 0600, and
+    /// returns its path: files the server process must read (a client certificate and key
+    /// for `cloudmig.assess`, for instance).
+    pub fn write_file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let path = self.data_dir.join(name);
+        write_private_file(&path, contents);
+        path
+    }
+
     /// `pg_ctl restart -m fast`; returns once the server accepts connections.
     pub fn restart(&self) {
         self.restart_with("fast");
@@ -478,6 +499,15 @@ fn stop_immediately(data_dir: &Path) {
         .arg(data_dir);
         let _ = run(&mut cmd);
     }
+}
+
+/// Writes `contents` to `path` with mode 0600, owned by the server user; panics on failure.
+fn write_private_file(path: &Path, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let result = fs::write(path, contents)
+        .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(0o600)))
+        .and_then(|()| chown_to_server(path));
+    result.unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
 fn log_tail(log_file: &Path, lines: usize) -> String {

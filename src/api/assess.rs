@@ -88,7 +88,8 @@ fn assess(source: &str, options: default!(JsonB, "'{}'")) -> i64 {
         .raise();
     }
     let superuser = caller_is_superuser();
-    if info.passfile.is_some() && !superuser && !caller_has_role(c"pg_read_server_files") {
+    // The passfile and TLS files are read by the server process with its own rights.
+    if !info.server_files().is_empty() && !superuser && !caller_has_role(c"pg_read_server_files") {
         ApiError::PassfileNotAllowed.raise();
     }
     let _claim = AssessmentClaim::acquire()

@@ -14,7 +14,7 @@ pub enum ApiError {
     InvalidConnInfo(#[from] ConnInfoError),
     #[error("invalid options: {0}")]
     InvalidOptions(String),
-    #[error("only superusers and members of pg_read_server_files may name a passfile")]
+    #[error("only superusers and members of pg_read_server_files may name a passfile or TLS certificate and key files")]
     PassfileNotAllowed,
     #[error("the source did not ask for a password")]
     PasswordNotRequested,

@@ -109,8 +109,16 @@ fn source_connection_failed(error: &SourceError) -> CheckResult {
             "the source asks for a password: add password=... or passfile=... to the connection string"
                 .to_string()
         }
-        SourceError::TlsNotSupported { .. } => "cloudmig cannot connect with TLS yet: use \
-             sslmode=disable or prefer over a private network, or a TLS-terminating proxy"
+        SourceError::TlsRefused { .. } => "the source does not offer TLS: turn on ssl in its \
+             postgresql.conf (with a certificate), or use sslmode=prefer on a private network"
+            .to_string(),
+        SourceError::Tls { .. } | SourceError::TlsConfig { .. } => error
+            .hint()
+            .unwrap_or_else(|| "check the TLS settings of the connection string".to_string()),
+        SourceError::AuthenticationRefused { .. } => "the source asked for a password in a way \
+             that would expose it to anyone in between: use scram-sha-256 on the source, or \
+             connect with sslmode=verify-full and sslrootcert, or allow the method explicitly \
+             with require_auth=md5 (or password)"
             .to_string(),
         SourceError::UnsupportedAuthentication { .. } => "allow the migration account with \
              scram-sha-256, md5, password or trust in the source's pg_hba.conf"

@@ -84,7 +84,7 @@ pub struct Slot {
 /// Instance-wide facts.
 #[derive(Debug)]
 pub struct SourceFacts {
-    /// host:port, for messages.
+    /// host:port, and whether TLS protected the connection, for messages.
     pub target: String,
     pub version: String,
     pub version_num: i32,
@@ -316,8 +316,14 @@ fn gather_instance(
         });
     }
 
+    // Say how the first connection was protected; the others use the same conninfo.
+    let transport = match (first.tls_in_use(), first.server_verified()) {
+        (true, true) => " over TLS (server certificate verified)",
+        (true, false) => " over TLS (server certificate not verified)",
+        (false, _) => "",
+    };
     Ok(SourceFacts {
-        target: info.display_target(),
+        target: format!("{}{transport}", info.display_target()),
         version,
         version_num,
         account,

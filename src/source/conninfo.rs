@@ -5,18 +5,28 @@
 //! one by name, as libpq rejects unknown keywords, so a user never believes an option took
 //! effect when it did not. Parsing never panics on any input.
 //!
+//! TLS and authentication policy keywords (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`,
+//! `sslnegotiation`, `channel_binding`, `require_auth`) are parsed and cross-checked here, as
+//! libpq's `connectOptions2` does, so a contradictory string is refused before any connection.
+//!
 //! Secrets: the password only leaves a `ConnInfo` through [`ConnInfo::to_conninfo_string`] (to
 //! store the secret) and the connection's authentication exchange. `Debug`, [`ConnInfo::masked`]
 //! and every [`ConnInfoError`] leave it out.
 
 use std::fmt;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 /// Where libpq looks for the Unix socket when no host is given (Debian's compiled-in default).
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/postgresql";
+/// Where Debian, Red Hat and Alpine keep the system's CA bundle (OpenSSL's default file).
+const SYSTEM_CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
 /// The default port.
 pub const DEFAULT_PORT: u16 = 5432;
 /// Our connect timeout when the conninfo sets none (libpq would wait forever).
@@ -27,7 +37,6 @@ pub const PASSWORD_MASK: &str = "********";
 /// libpq keywords we know but do not implement: naming them in the error tells the user the
 /// option is real but ignored here, rather than misspelled.
 const UNSUPPORTED_LIBPQ_KEYS: &[&str] = &[
-    "channel_binding",
     "client_encoding",
     "fallback_application_name",
     "gssdelegation",
@@ -41,36 +50,32 @@ const UNSUPPORTED_LIBPQ_KEYS: &[&str] = &[
     "load_balance_hosts",
     "options",
     "replication",
-    "require_auth",
     "requirepeer",
     "requiressl",
     "service",
     "ssl_max_protocol_version",
     "ssl_min_protocol_version",
-    "sslcert",
     "sslcertmode",
     "sslcompression",
     "sslcrl",
     "sslcrldir",
-    "sslkey",
     "sslpassword",
-    "sslrootcert",
     "sslsni",
     "target_session_attrs",
     "tcp_user_timeout",
 ];
 
-/// libpq's `sslmode`. We have no TLS yet, so only the modes that allow plaintext can connect.
+/// libpq's `sslmode`. Over a Unix socket it is ignored (no TLS there), as in libpq.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum SslMode {
     /// Never use TLS.
     Disable,
-    /// Plaintext first; TLS only if the server insists (we only do plaintext).
+    /// Plaintext first; TLS only if the server rejects the plaintext connection.
     Allow,
-    /// TLS if the server offers it, else plaintext (libpq's default; we only do plaintext).
+    /// TLS if the server offers it, else plaintext (libpq's default).
     #[default]
     Prefer,
-    /// TLS without certificate checks.
+    /// TLS; the certificate is checked against `sslrootcert` only if one is given.
     Require,
     /// TLS with the server certificate checked against a CA.
     VerifyCa,
@@ -122,6 +127,177 @@ impl FromStr for SslMode {
     }
 }
 
+/// `sslrootcert`: where the trusted root certificates for the source's certificate come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RootCert {
+    /// A PEM file of one or more certificates.
+    File(PathBuf),
+    /// The operating system's trusted roots (libpq 16's `sslrootcert=system`), which forces
+    /// `sslmode=verify-full`.
+    System,
+}
+
+/// libpq 17's `sslnegotiation`: how TLS starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SslNegotiation {
+    /// Ask with an `SSLRequest` first (every server version).
+    #[default]
+    Postgres,
+    /// Start the TLS handshake at once, with ALPN `postgresql` (PostgreSQL 17 servers only).
+    Direct,
+}
+
+impl SslNegotiation {
+    /// libpq's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslNegotiation::Postgres => "postgres",
+            SslNegotiation::Direct => "direct",
+        }
+    }
+}
+
+/// libpq's `channel_binding`: whether SCRAM must be bound to the TLS channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ChannelBindingMode {
+    /// Never bind (SCRAM-SHA-256 only).
+    Disable,
+    /// Bind when TLS is in use and the server offers SCRAM-SHA-256-PLUS.
+    #[default]
+    Prefer,
+    /// Refuse any authentication that is not SCRAM-SHA-256-PLUS over TLS.
+    Require,
+}
+
+impl ChannelBindingMode {
+    /// libpq's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelBindingMode::Disable => "disable",
+            ChannelBindingMode::Prefer => "prefer",
+            ChannelBindingMode::Require => "require",
+        }
+    }
+}
+
+/// One method a `require_auth` list may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthMethod {
+    /// Cleartext password (`AuthenticationCleartextPassword`).
+    Password,
+    /// MD5-hashed password.
+    Md5,
+    /// GSSAPI (never implemented here; accepted in the list as libpq does).
+    Gss,
+    /// SSPI (never implemented here; accepted in the list as libpq does).
+    Sspi,
+    /// SCRAM-SHA-256, with or without channel binding.
+    ScramSha256,
+    /// No authentication at all (the server says `AuthenticationOk` straight away).
+    None,
+}
+
+impl AuthMethod {
+    /// libpq's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Password => "password",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Gss => "gss",
+            AuthMethod::Sspi => "sspi",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::None => "none",
+        }
+    }
+
+    fn parse(s: &str) -> Option<AuthMethod> {
+        Some(match s {
+            "password" => AuthMethod::Password,
+            "md5" => AuthMethod::Md5,
+            "gss" => AuthMethod::Gss,
+            "sspi" => AuthMethod::Sspi,
+            "scram-sha-256" => AuthMethod::ScramSha256,
+            "none" => AuthMethod::None,
+            _ => return None,
+        })
+    }
+}
+
+/// libpq 16's `require_auth`: the authentication methods the server may use, either as a list
+/// of allowed methods (`md5,scram-sha-256`) or of forbidden ones (`!password,!md5`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequireAuth {
+    /// True for a list of `!method`s.
+    pub negated: bool,
+    /// The methods named, without the `!`, in order.
+    pub methods: Vec<AuthMethod>,
+}
+
+impl RequireAuth {
+    /// Parses libpq's syntax: a comma-separated list, all negated or none, no repeats.
+    pub fn parse(s: &str) -> Result<RequireAuth, ConnInfoError> {
+        let mut negated = None;
+        let mut methods = Vec::new();
+        for part in s.split(',') {
+            let part = part.trim();
+            let (neg, name) = match part.strip_prefix('!') {
+                Some(rest) => (true, rest),
+                None => (false, part),
+            };
+            match negated {
+                None => negated = Some(neg),
+                Some(n) if n != neg => {
+                    return Err(ConnInfoError::InvalidRequireAuth(format!(
+                        "method \"{part}\" cannot be mixed with {} methods",
+                        if n { "negative" } else { "non-negative" }
+                    )))
+                }
+                Some(_) => {}
+            }
+            let method = AuthMethod::parse(name).ok_or_else(|| {
+                ConnInfoError::InvalidRequireAuth(format!("invalid value \"{part}\""))
+            })?;
+            if methods.contains(&method) {
+                return Err(ConnInfoError::InvalidRequireAuth(format!(
+                    "method \"{part}\" is specified more than once"
+                )));
+            }
+            methods.push(method);
+        }
+        Ok(RequireAuth {
+            negated: negated.unwrap_or(false),
+            methods,
+        })
+    }
+
+    /// Whether the server may authenticate us with `method` (for [`AuthMethod::None`]: whether
+    /// it may let us in without any authentication exchange).
+    pub fn allows(&self, method: AuthMethod) -> bool {
+        self.methods.contains(&method) != self.negated
+    }
+
+    /// Whether the list names `method` as allowed (not merely leaves it unforbidden): our
+    /// explicit opt-in for sending a password to a server not authenticated by TLS.
+    pub fn names(&self, method: AuthMethod) -> bool {
+        !self.negated && self.methods.contains(&method)
+    }
+}
+
+impl fmt::Display for RequireAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, m) in self.methods.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if self.negated {
+                f.write_str("!")?;
+            }
+            f.write_str(m.as_str())?;
+        }
+        Ok(())
+    }
+}
+
 /// Why a connection string was rejected. Messages follow libpq's where it has one, but never
 /// quote a value that could be (part of) the password.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -157,6 +333,18 @@ pub enum ConnInfoError {
     /// `sslmode` is not one of libpq's modes.
     #[error("invalid sslmode value: \"{0}\"")]
     InvalidSslMode(String),
+    /// `sslnegotiation` is not `postgres` or `direct`.
+    #[error("invalid sslnegotiation value: \"{0}\"")]
+    InvalidSslNegotiation(String),
+    /// `channel_binding` is not `disable`, `prefer` or `require`.
+    #[error("invalid channel_binding value: \"{0}\"")]
+    InvalidChannelBinding(String),
+    /// A malformed `require_auth` list.
+    #[error("invalid require_auth: {0}")]
+    InvalidRequireAuth(String),
+    /// TLS options that contradict each other, as libpq refuses them.
+    #[error("{0}")]
+    ConflictingTlsOptions(String),
     /// `hostaddr` is not a numeric IPv4 or IPv6 address.
     #[error("could not parse network address \"{0}\"")]
     InvalidHostaddr(String),
@@ -189,6 +377,19 @@ pub struct ConnInfo {
     pub dbname: Option<String>,
     /// TLS policy.
     pub sslmode: SslMode,
+    /// Trusted roots for the server certificate; when set, the chain is always checked.
+    pub sslrootcert: Option<RootCert>,
+    /// Client certificate chain (PEM), sent when the server asks for one.
+    pub sslcert: Option<PathBuf>,
+    /// Private key of the client certificate (PEM, unencrypted, mode 0600 or stricter).
+    pub sslkey: Option<PathBuf>,
+    /// How TLS starts.
+    pub sslnegotiation: SslNegotiation,
+    /// Whether SCRAM is bound to the TLS channel.
+    pub channel_binding: ChannelBindingMode,
+    /// Which authentication methods the server may ask for; `None` means our default policy
+    /// (see [`crate::source::auth`]).
+    pub require_auth: Option<RequireAuth>,
     /// Limit on connecting and authenticating.
     pub connect_timeout: Duration,
     /// `application_name` to report; `None` means the caller's default.
@@ -206,6 +407,12 @@ impl Default for ConnInfo {
             passfile: None,
             dbname: None,
             sslmode: SslMode::default(),
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+            sslnegotiation: SslNegotiation::default(),
+            channel_binding: ChannelBindingMode::default(),
+            require_auth: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             application_name: None,
         }
@@ -223,6 +430,12 @@ impl fmt::Debug for ConnInfo {
             .field("passfile", &self.passfile)
             .field("dbname", &self.dbname)
             .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("sslcert", &self.sslcert)
+            .field("sslkey", &self.sslkey)
+            .field("sslnegotiation", &self.sslnegotiation)
+            .field("channel_binding", &self.channel_binding)
+            .field("require_auth", &self.require_auth)
             .field("connect_timeout", &self.connect_timeout)
             .field("application_name", &self.application_name)
             .finish()
@@ -250,8 +463,29 @@ impl ConnInfo {
             parse_key_values(s)?
         };
         let mut info = ConnInfo::default();
+        let mut sslmode_given = false;
         for (key, value) in pairs {
+            sslmode_given |= key == "sslmode" && !value.is_empty();
             info.set(&key, value)?;
+        }
+        // libpq 16: the system's roots make sense only with the host name checked, so they
+        // make verify-full the default and refuse anything weaker.
+        if info.sslrootcert == Some(RootCert::System) {
+            if !sslmode_given {
+                info.sslmode = SslMode::VerifyFull;
+            } else if info.sslmode != SslMode::VerifyFull {
+                return Err(ConnInfoError::ConflictingTlsOptions(format!(
+                    "weak sslmode \"{}\" may not be used with sslrootcert=system (use \"verify-full\")",
+                    info.sslmode
+                )));
+            }
+        }
+        // libpq 17: a direct handshake never falls back to plaintext.
+        if info.sslnegotiation == SslNegotiation::Direct && !info.sslmode.requires_tls() {
+            return Err(ConnInfoError::ConflictingTlsOptions(format!(
+                "weak sslmode \"{}\" may not be used with sslnegotiation=direct (use \"require\", \"verify-ca\", or \"verify-full\")",
+                info.sslmode
+            )));
         }
         Ok(info)
     }
@@ -295,6 +529,42 @@ impl ConnInfo {
                     Some(m) => m.parse()?,
                 }
             }
+            "sslrootcert" => {
+                self.sslrootcert = opt.map(|v| {
+                    if v == "system" {
+                        RootCert::System
+                    } else {
+                        RootCert::File(PathBuf::from(v))
+                    }
+                })
+            }
+            "sslcert" => self.sslcert = opt.map(PathBuf::from),
+            "sslkey" => self.sslkey = opt.map(PathBuf::from),
+            "sslnegotiation" => {
+                self.sslnegotiation = match opt.as_deref() {
+                    None | Some("postgres") => SslNegotiation::Postgres,
+                    Some("direct") => SslNegotiation::Direct,
+                    Some(other) => {
+                        return Err(ConnInfoError::InvalidSslNegotiation(other.to_owned()))
+                    }
+                }
+            }
+            "channel_binding" => {
+                self.channel_binding = match opt.as_deref() {
+                    None | Some("prefer") => ChannelBindingMode::Prefer,
+                    Some("disable") => ChannelBindingMode::Disable,
+                    Some("require") => ChannelBindingMode::Require,
+                    Some(other) => {
+                        return Err(ConnInfoError::InvalidChannelBinding(other.to_owned()))
+                    }
+                }
+            }
+            "require_auth" => {
+                self.require_auth = match opt {
+                    None => None,
+                    Some(v) => Some(RequireAuth::parse(&v)?),
+                }
+            }
             "connect_timeout" => {
                 self.connect_timeout = match opt {
                     None => DEFAULT_CONNECT_TIMEOUT,
@@ -308,6 +578,20 @@ impl ConnInfo {
             _ => return Err(ConnInfoError::UnknownKey(key.to_owned())),
         }
         Ok(())
+    }
+
+    /// The files on the destination server this conninfo makes us read (passfile, TLS roots,
+    /// client certificate and key): callers let only trusted roles name any, since the server
+    /// process reads them with its own rights.
+    pub fn server_files(&self) -> Vec<&Path> {
+        let mut files: Vec<&Path> = Vec::new();
+        files.extend(self.passfile.as_deref());
+        if let Some(RootCert::File(f)) = &self.sslrootcert {
+            files.push(f);
+        }
+        files.extend(self.sslcert.as_deref());
+        files.extend(self.sslkey.as_deref());
+        files
     }
 
     /// The user name to log in as, when the conninfo names one (else the OS user is used).
@@ -405,6 +689,7 @@ impl ConnInfo {
         }
         push(&mut out, "dbname", dbname);
         push(&mut out, "sslmode", self.sslmode.as_str());
+        self.push_tls_options(&mut out, false);
         push(
             &mut out,
             "connect_timeout",
@@ -414,6 +699,43 @@ impl ConnInfo {
             push(&mut out, "application_name", a);
         }
         out.join(" ")
+    }
+
+    /// Appends the TLS and authentication options that differ from their defaults.
+    ///
+    /// `all`: every option, for our own parser. Without it, only what PostgreSQL 15's libpq
+    /// (our client programs' library) knows: it has no `require_auth` (16) nor `sslnegotiation`
+    /// (17), and reads `sslrootcert=system` as a file name, so the system bundle's path is
+    /// given instead (libpq 15 then keeps the sslmode, which is verify-full anyway).
+    fn push_tls_options(&self, out: &mut Vec<String>, all: bool) {
+        fn push(out: &mut Vec<String>, key: &str, value: &str) {
+            out.push(format!("{key}={}", quote_value(value)));
+        }
+        match &self.sslrootcert {
+            Some(RootCert::File(f)) => push(out, "sslrootcert", &f.to_string_lossy()),
+            Some(RootCert::System) if all => push(out, "sslrootcert", "system"),
+            Some(RootCert::System) => {
+                if let Some(bundle) = SYSTEM_CA_BUNDLES.iter().find(|p| Path::new(p).exists()) {
+                    push(out, "sslrootcert", bundle);
+                }
+            }
+            None => {}
+        }
+        if let Some(c) = &self.sslcert {
+            push(out, "sslcert", &c.to_string_lossy());
+        }
+        if let Some(k) = &self.sslkey {
+            push(out, "sslkey", &k.to_string_lossy());
+        }
+        if all && self.sslnegotiation != SslNegotiation::default() {
+            push(out, "sslnegotiation", self.sslnegotiation.as_str());
+        }
+        if self.channel_binding != ChannelBindingMode::default() {
+            push(out, "channel_binding", self.channel_binding.as_str());
+        }
+        if let (true, Some(r)) = (all, &self.require_auth) {
+            push(out, "require_auth", &r.to_string());
+        }
     }
 
     fn render(&self, with_password: bool) -> String {
@@ -446,6 +768,7 @@ impl ConnInfo {
             push(&mut out, "dbname", d);
         }
         push(&mut out, "sslmode", self.sslmode.as_str());
+        self.push_tls_options(&mut out, true);
         if self.connect_timeout != DEFAULT_CONNECT_TIMEOUT {
             push(
                 &mut out,
@@ -768,8 +1091,8 @@ mod tests {
             ConnInfoError::UnknownKey("bogus".into())
         );
         assert_eq!(
-            parse_err("sslrootcert=x"),
-            ConnInfoError::UnsupportedKey("sslrootcert".into())
+            parse_err("sslpassword=x"),
+            ConnInfoError::UnsupportedKey("sslpassword".into())
         );
         assert_eq!(parse_err("port=0"), ConnInfoError::InvalidPort("0".into()));
         assert_eq!(
@@ -831,6 +1154,92 @@ mod tests {
             let mode = parse(&format!("sslmode={s}")).sslmode;
             assert_eq!(mode.as_str(), s);
             assert_eq!(mode.requires_tls(), tls);
+        }
+    }
+
+    #[test]
+    fn tls_and_auth_keys() {
+        let info = parse(
+            "host=db sslmode=verify-ca sslrootcert=/r.crt sslcert=/c.crt sslkey=/c.key \
+             sslnegotiation=postgres channel_binding=require require_auth=md5,scram-sha-256",
+        );
+        assert_eq!(info.sslrootcert, Some(RootCert::File("/r.crt".into())));
+        assert_eq!(info.sslcert, Some(PathBuf::from("/c.crt")));
+        assert_eq!(info.sslkey, Some(PathBuf::from("/c.key")));
+        assert_eq!(info.channel_binding, ChannelBindingMode::Require);
+        let auth = info.require_auth.clone().expect("require_auth");
+        assert!(auth.allows(AuthMethod::Md5) && auth.names(AuthMethod::Md5));
+        assert!(!auth.allows(AuthMethod::Password) && !auth.allows(AuthMethod::None));
+        assert_eq!(
+            info.server_files(),
+            [
+                Path::new("/r.crt"),
+                Path::new("/c.crt"),
+                Path::new("/c.key")
+            ]
+        );
+        assert_eq!(parse(&info.to_conninfo_string()), info);
+        // Client programs get what PostgreSQL 15's libpq knows.
+        let program = info.for_client_program("d");
+        assert!(program.contains("sslrootcert=/r.crt sslcert=/c.crt sslkey=/c.key"));
+        assert!(program.contains("channel_binding=require"));
+        assert!(!program.contains("require_auth"), "{program}");
+
+        let negated = parse("require_auth=!password,!md5")
+            .require_auth
+            .expect("set");
+        assert!(negated.negated && !negated.allows(AuthMethod::Md5));
+        assert!(negated.allows(AuthMethod::ScramSha256) && negated.allows(AuthMethod::None));
+        assert!(!negated.names(AuthMethod::ScramSha256));
+        assert_eq!(negated.to_string(), "!password,!md5");
+
+        // sslrootcert=system implies verify-full and refuses anything weaker, as libpq 16.
+        let system = parse("host=db sslrootcert=system");
+        assert_eq!(system.sslmode, SslMode::VerifyFull);
+        assert_eq!(parse(&system.to_conninfo_string()), system);
+        assert!(system.server_files().is_empty());
+        assert!(matches!(
+            parse_err("host=db sslrootcert=system sslmode=require"),
+            ConnInfoError::ConflictingTlsOptions(m) if m.contains("weak sslmode \"require\"")
+        ));
+        // Direct TLS never falls back, as libpq 17.
+        assert_eq!(
+            parse("sslnegotiation=direct sslmode=require").sslnegotiation,
+            SslNegotiation::Direct
+        );
+        assert!(matches!(
+            parse_err("sslnegotiation=direct"),
+            ConnInfoError::ConflictingTlsOptions(m) if m.contains("sslnegotiation=direct")
+        ));
+    }
+
+    #[test]
+    fn tls_and_auth_errors() {
+        assert_eq!(
+            parse_err("sslnegotiation=maybe"),
+            ConnInfoError::InvalidSslNegotiation("maybe".into())
+        );
+        assert_eq!(
+            parse_err("channel_binding=always"),
+            ConnInfoError::InvalidChannelBinding("always".into())
+        );
+        for (s, what) in [
+            ("require_auth=kerberos", "invalid value \"kerberos\""),
+            (
+                "require_auth=md5,!password",
+                "cannot be mixed with non-negative",
+            ),
+            (
+                "require_auth=!md5,password",
+                "cannot be mixed with negative",
+            ),
+            ("require_auth=md5,md5", "more than once"),
+            ("require_auth=md5,", "invalid value \"\""),
+        ] {
+            match parse_err(s) {
+                ConnInfoError::InvalidRequireAuth(m) => assert!(m.contains(what), "{s}: {m}"),
+                other => panic!("{s}: {other:?}"),
+            }
         }
     }
 

@@ -150,13 +150,42 @@ pub enum SourceError {
         method: String,
     },
 
-    /// The conninfo demands TLS, which we do not implement yet; we never fall back to plaintext.
-    #[error("sslmode={sslmode} requires TLS, which is not supported yet (connecting to {target})")]
-    TlsNotSupported {
-        /// Where we would have connected.
+    /// The sslmode demands TLS and the server answered that it has none.
+    #[error("server at {target} does not support SSL, but SSL was required (sslmode={sslmode})")]
+    TlsRefused {
+        /// Where we connected.
         target: String,
         /// The sslmode that demanded TLS.
         sslmode: SslMode,
+    },
+
+    /// The TLS handshake or a TLS record failed: a certificate that does not verify, a host
+    /// name that does not match, a protocol or alert error.
+    #[error("SSL connection to {target} failed: {reason}")]
+    Tls {
+        /// Where we connected.
+        target: String,
+        /// What failed, in libpq's words where it has some.
+        reason: String,
+    },
+
+    /// The conninfo's TLS files or settings cannot be used (nothing was sent).
+    #[error("cannot set up SSL for {target}: {reason}")]
+    TlsConfig {
+        /// Where we would have connected.
+        target: String,
+        /// What is wrong (paths only, never file contents).
+        reason: String,
+    },
+
+    /// We refused the server's authentication request: `require_auth`, `channel_binding`, or
+    /// our rule against sending a password to a server that is not authenticated.
+    #[error("authentication to {target} refused by the client: {reason}")]
+    AuthenticationRefused {
+        /// Where we connected.
+        target: String,
+        /// Why.
+        reason: String,
     },
 
     /// The server answered a query (or the startup packet) with an `ErrorResponse`.
@@ -229,7 +258,12 @@ impl SourceError {
             SourceError::HostNotFound { .. }
             | SourceError::ConnectionRefused { .. }
             | SourceError::Unreachable { .. }
-            | SourceError::Passfile(_) => "08001",
+            | SourceError::Passfile(_)
+            | SourceError::TlsRefused { .. }
+            | SourceError::Tls { .. }
+            | SourceError::TlsConfig { .. } => "08001",
+            // invalid_authorization_specification: the policy forbids this authentication.
+            SourceError::AuthenticationRefused { .. } => "28000",
             SourceError::Timeout { phase, .. } => {
                 if *phase == "query" {
                     // query_canceled, the code statement_timeout uses.
@@ -240,9 +274,7 @@ impl SourceError {
             }
             // postgres_fdw reports a missing password with this code too.
             SourceError::PasswordRequired { .. } => "2F003",
-            SourceError::UnsupportedAuthentication { .. } | SourceError::TlsNotSupported { .. } => {
-                "0A000"
-            }
+            SourceError::UnsupportedAuthentication { .. } => "0A000",
             SourceError::Protocol(_) | SourceError::Decode(_) => "08P01",
             SourceError::Io { .. } | SourceError::Closed { .. } => "08006",
             // connection_does_not_exist
@@ -289,7 +321,22 @@ impl SourceError {
             SourceError::UnsupportedAuthentication { .. } => {
                 "use scram-sha-256, md5 or password authentication for this client in the source's pg_hba.conf"
             }
-            SourceError::TlsNotSupported { .. } => "use sslmode=disable, allow or prefer",
+            SourceError::TlsRefused { .. } => {
+                "turn on ssl in the source's postgresql.conf, or use sslmode=prefer"
+            }
+            SourceError::Tls { reason, .. } if reason.contains("host name") => {
+                "connect with the host name the server certificate names, or use sslmode=verify-ca"
+            }
+            SourceError::Tls { .. } => {
+                "check the server certificate and sslrootcert (the CA that signed it)"
+            }
+            SourceError::TlsConfig { .. } => {
+                "check the sslrootcert, sslcert and sslkey files and that the server can read them"
+            }
+            SourceError::AuthenticationRefused { .. } => {
+                "use scram-sha-256 on the source, connect with sslmode=verify-full and sslrootcert, \
+                 or allow the method explicitly with require_auth"
+            }
             SourceError::Passfile(PassfileError::Permissions { .. }) => {
                 "run chmod 0600 on the password file"
             }
@@ -395,11 +442,18 @@ mod tests {
                 "2F003",
             ),
             (
-                SourceError::TlsNotSupported {
+                SourceError::TlsRefused {
                     target: target.clone(),
                     sslmode: SslMode::Require,
                 },
-                "0A000",
+                "08001",
+            ),
+            (
+                SourceError::AuthenticationRefused {
+                    target: target.clone(),
+                    reason: "x".into(),
+                },
+                "28000",
             ),
             (SourceError::Protocol("x".into()), "08P01"),
             (SourceError::Decode(DecodeError::Empty), "08P01"),

@@ -151,6 +151,21 @@ fn changes_of_every_kind_are_applied_once_and_switchover_completes() {
         "0",
         TIMEOUT,
     );
+    // The publication is dropped although the fence made new sessions
+    // read-only there, and nothing was left for the DBA to drop by hand.
+    let publications: i64 = source.query_scalar(
+        "app",
+        "SELECT count(*) FROM pg_publication WHERE pubname LIKE 'cloudmig%'",
+    );
+    assert_eq!(publications, 0, "{}", events(&dest, task));
+    let left_behind: i64 = dest.query_scalar(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM cloudmig.events WHERE task_id = {task} AND kind = 'warning' \
+                AND message LIKE '%by hand'"
+        ),
+    );
+    assert_eq!(left_behind, 0, "{}", events(&dest, task));
     assert_same_data(&source, &dest, "app");
     assert_same_sequences(&source, &dest, "app");
 }

@@ -154,6 +154,21 @@ fn changes_of_every_kind_are_applied_once_and_switchover_completes() {
         "0",
         TIMEOUT,
     );
+    // The publication is dropped although the fence made new sessions
+    // read-only there, and nothing was left for the DBA to drop by hand.
+    let publications: i64 = source.query_scalar(
+        "app",
+        "SELECT count(*) FROM pg_publication WHERE pubname LIKE 'cloudmig%'",
+    );
+    assert_eq!(publications, 0, "{}", events(&dest, task));
+    let left_behind: i64 = dest.query_scalar(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM cloudmig.events WHERE task_id = {task} AND kind = 'warning' \
+                AND message LIKE '%by hand'"
+        ),
+    );
+    assert_eq!(left_behind, 0, "{}", events(&dest, task));
     assert_same_data(&source, &dest, "app");
     assert_same_sequences(&source, &dest, "app");
 }
@@ -209,7 +224,7 @@ fn a_destination_crash_mid_transaction_neither_duplicates_nor_loses() {
 }
 
 #[test]
-fn switchover_is_refused_when_lagging_and_undone_on_timeout() {
+fn switchover_is_refused_when_lagging_or_stalled_and_undone_on_failure() {
     let source = source("refuse-src");
     source.execute("app", APP_SQL);
     let dest = ClusterBuilder::destination("refuse-dst").start();
@@ -245,26 +260,45 @@ fn switchover_is_refused_when_lagging_and_undone_on_timeout() {
         "{refused:?}"
     );
     source.execute("app", "INSERT INTO items (name) VALUES ('still writable')");
-    // Allowed to start but unable to drain in time: fenced, then undone.
-    let timed_out = client
+    // Under the lag limit but making no progress: refused before the fence
+    // too, rather than fencing the source for a drain that cannot finish.
+    let stalled = client
         .query(
             "SELECT * FROM cloudmig.switchover($1, '{\"timeout_seconds\": 2, \"max_lag_bytes\": 1000000000}')",
             &[&task],
         )
         .expect_err("a blocked apply cannot drain");
-    assert_eq!(
-        timed_out.code().map(|c| c.code()),
-        Some("55000"),
-        "{timed_out}"
+    assert_eq!(stalled.code().map(|c| c.code()), Some("55000"), "{stalled}");
+    assert!(format!("{stalled:?}").contains("behind"), "{stalled:?}");
+    let fenced: i64 = dest.query_scalar(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM cloudmig.events WHERE task_id = {task} AND kind = 'phase' \
+                AND message LIKE 'switching_over%'"
+        ),
     );
+    assert_eq!(fenced, 0, "{}", events(&dest, task));
+    source.execute("app", "INSERT INTO items (name) VALUES ('never fenced')");
+    blocker.batch_execute("ROLLBACK").unwrap();
+    lag_is_zero(&source, &dest, task);
+
+    // A failure after the fence (here: verification finds a difference) undoes it.
+    dest.execute("app", "DELETE FROM priced WHERE id = 1");
+    let differs = client
+        .query(
+            "SELECT * FROM cloudmig.switchover($1, '{\"verify\": true}')",
+            &[&task],
+        )
+        .expect_err("a differing table must stop the switchover");
+    assert_eq!(differs.code().map(|c| c.code()), Some("55000"), "{differs}");
     source.execute("app", "INSERT INTO items (name) VALUES ('writable again')");
     let phase: String = dest.query_scalar(
         "postgres",
         &format!("SELECT phase FROM cloudmig.tasks WHERE task_id = {task}"),
     );
     assert_eq!(phase, "incremental");
-    // Released, the apply catches up and a switchover succeeds.
-    blocker.batch_execute("ROLLBACK").unwrap();
+    // Repaired and caught up, a switchover succeeds.
+    dest.execute("app", "INSERT INTO priced (id, net) VALUES (1, 10)");
     lag_is_zero(&source, &dest, task);
     client
         .query_one("SELECT downtime_ms FROM cloudmig.switchover($1)", &[&task])

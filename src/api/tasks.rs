@@ -355,10 +355,13 @@ fn wait(
     let mut next_notice = Instant::now() + Duration::from_secs(10);
     loop {
         // One text column: pgrx's get_one/get_two treat "no row" as an error.
-        let row = crate::catalog::first_value::<String>(
-            "SELECT phase || '|' || coalesce(last_error, '') FROM cloudmig.task WHERE id = $1",
-            &[task.into()],
-        )
+        // Each poll sees what committed since the last one.
+        let row = crate::catalog::at_latest_snapshot(|| {
+            crate::catalog::first_value::<String>(
+                "SELECT phase || '|' || coalesce(last_error, '') FROM cloudmig.task WHERE id = $1",
+                &[task.into()],
+            )
+        })
         .map_err(|e| ApiError::Catalog(e.to_string()))
         .or_raise();
         let Some(row) = row else {
@@ -396,11 +399,13 @@ fn wait(
             .raise();
         }
         if Instant::now() >= next_notice {
-            let progress = Spi::get_one_with_args::<String>(
-                "SELECT format('%s%% of %s table(s) copied', coalesce(percent, 0), tables_total) \
-                   FROM cloudmig.tasks WHERE task_id = $1",
-                &[task.into()],
-            )
+            let progress = crate::catalog::at_latest_snapshot(|| {
+                crate::catalog::first_value::<String>(
+                    "SELECT format('%s%% of %s table(s) copied', coalesce(percent, 0), tables_total) \
+                       FROM cloudmig.tasks WHERE task_id = $1",
+                    &[task.into()],
+                )
+            })
             .ok()
             .flatten()
             .unwrap_or_default();

@@ -93,6 +93,22 @@ pub fn pin_search_path(action: pg_sys::GucAction::Type) {
     }
 }
 
+/// Runs `body` (SPI reads) through a snapshot taken now instead of the
+/// calling statement's. A function that polls our tables (`cloudmig.wait`)
+/// otherwise keeps reading what was committed when its statement started:
+/// pgrx runs a SELECT as a read-only SPI query, which uses the active
+/// snapshot, and a C function's statement never takes another one.
+pub fn at_latest_snapshot<R>(body: impl FnOnce() -> R) -> R {
+    // SAFETY: inside a transaction (any SQL function is); PushActiveSnapshot
+    // copies the static snapshot GetLatestSnapshot returns.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let result = body();
+    // SAFETY: pops the snapshot pushed above. On an error (a panic unwinding
+    // past here) the (sub)transaction abort unwinds the snapshot stack itself.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    result
+}
+
 /// The first column of the first row of `query`, or None when it returns no
 /// row (pgrx's `Spi::get_one` treats "no row" as an error).
 pub fn first_value<T: pgrx::IntoDatum + pgrx::FromDatum>(

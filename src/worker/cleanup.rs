@@ -1,7 +1,8 @@
 //! Removing what a task created on the source: its replication slots (the
 //! permanent ones and any temporary one left by a dying connection) and its
-//! publications. Used by `cloudmig.cancel()`, from a backend or a worker;
-//! plain source-client calls, no worker machinery.
+//! publications. Used by `cloudmig.cancel()` and after a switchover (when the
+//! source databases are fenced read-only), from a backend or a worker; plain
+//! source-client calls, no worker machinery.
 
 use crate::catalog::tasks;
 use crate::source::{quote_ident, quote_literal, ConnInfo, ConnectOptions, Connection};
@@ -37,6 +38,15 @@ pub fn drop_source_objects(
                 continue;
             }
         };
+        // After a switchover the source databases are fenced: a new session
+        // starts read-only, and DROP PUBLICATION would be refused.
+        if let Err(error) = connection.execute("SET default_transaction_read_only = off") {
+            problems.push(format!(
+                "could not drop publication {publication} in {database}: {error}"
+            ));
+            connection.close();
+            continue;
+        }
         if index == 0 {
             let dropped = connection.simple_query(&format!(
                 "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \

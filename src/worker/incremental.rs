@@ -3,7 +3,9 @@
 //! moves the task from `catchup` to `incremental` once every database caught
 //! up, and carries out `cloudmig.switchover()`:
 //!
-//! 1. refuse unless the lag is under the limit;
+//! 1. refuse unless the lag is under the limit and the apply's recent pace
+//!    drains it well within the timeout (so the source is not fenced for
+//!    nothing);
 //! 2. fence the source: every migrated database gets
 //!    `default_transaction_read_only = on` and the other sessions are
 //!    terminated (but exempted users), so no new write can start;
@@ -76,6 +78,104 @@ fn millis(since: Instant) -> i64 {
 /// applied up to what the source said it sent).
 pub fn lag_of(slot: &ApplySlot) -> u64 {
     slot.source_lsn.saturating_sub(slot.applied_lsn)
+}
+
+/// How far back the apply's pace is measured.
+const PACE_WINDOW: Duration = Duration::from_secs(5);
+
+/// The apply's recent progress per database, sampled by the follow loop each
+/// time it reads the source's position, so a switchover can tell before it
+/// fences the source whether the lag can be drained within its timeout.
+#[derive(Default)]
+struct Pace {
+    /// (when, applied LSN of each database), oldest first, within the window.
+    samples: std::collections::VecDeque<(Instant, Vec<u64>)>,
+}
+
+impl Pace {
+    fn sample(&mut self, slots: &[ApplySlot]) {
+        let now = Instant::now();
+        self.samples
+            .push_back((now, slots.iter().map(|s| s.applied_lsn).collect()));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > PACE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes per second database `index` applied lately: the lower of the
+    /// rates over the whole window and over its last two seconds (so a stall
+    /// shows at once), each once at least a second of it was seen since the
+    /// apply started. Under load that is the source's write rate when the
+    /// apply keeps up, and the apply's capacity when it does not: the drain
+    /// after the fence goes at least as fast.
+    fn rate(&self, index: usize) -> Option<f64> {
+        let whole = self.rate_since(index, PACE_WINDOW);
+        let recent = self.rate_since(index, Duration::from_secs(2));
+        match (whole, recent) {
+            (Some(whole), Some(recent)) => Some(whole.min(recent)),
+            (whole, recent) => whole.or(recent),
+        }
+    }
+
+    fn rate_since(&self, index: usize, span: Duration) -> Option<f64> {
+        let (last_at, last) = self.samples.back()?;
+        let last = *last.get(index)?;
+        // The oldest sample in the span taken while the apply was running
+        // (before it starts its applied position is 0).
+        let (first_at, first) = self
+            .samples
+            .iter()
+            .filter(|(at, _)| last_at.duration_since(*at) <= span)
+            .map(|(at, applied)| (*at, applied.get(index).copied().unwrap_or(0)))
+            .find(|(_, applied)| *applied > 0)?;
+        let seconds = last_at.duration_since(first_at).as_secs_f64();
+        if seconds < 1.0 {
+            return None;
+        }
+        Some(last.saturating_sub(first) as f64 / seconds)
+    }
+}
+
+/// Why the apply of a database may not drain its `lag` in `timeout` at
+/// `rate` bytes per second (None: it will). A `caught_up` apply with a small
+/// lag is only waiting for the source's next keepalive; any other must have
+/// shown a pace (a second or two after it started) at which the drain fits in
+/// half the timeout, as the objects step follows it. Refusing costs a retry;
+/// fencing for a drain that cannot finish stops the source's writes.
+fn too_slow_to_drain(
+    lag: u64,
+    caught_up: bool,
+    rate: Option<f64>,
+    timeout: Duration,
+) -> Option<String> {
+    if lag == 0 || (caught_up && lag < CAUGHT_UP_BYTES) {
+        return None;
+    }
+    let Some(rate) = rate else {
+        return Some(format!(
+            "the apply is {lag} bytes behind and has not run long enough to show its pace"
+        ));
+    };
+    let budget = timeout.as_secs_f64() / 2.0;
+    if rate <= 0.0 {
+        return Some(format!(
+            "the apply is {lag} bytes behind and made no progress lately"
+        ));
+    }
+    let needed = lag as f64 / rate;
+    (needed > budget).then(|| {
+        format!(
+            "the apply is {lag} bytes behind at {:.0} bytes/s: draining would take about {:.0} s, \
+             more than half the timeout of {} s",
+            rate,
+            needed,
+            timeout.as_secs()
+        )
+    })
 }
 
 impl Runner {
@@ -182,6 +282,7 @@ impl Runner {
             .map(|d| d.datname.clone())
             .unwrap_or_else(|| "postgres".into());
         let mut source: Option<Connection> = None;
+        let mut pace = Pace::default();
         let mut last_poll = Instant::now() - Duration::from_secs(10);
         loop {
             self.check()?;
@@ -204,6 +305,7 @@ impl Runner {
                             for slot in slots.iter_mut().take(databases.len()) {
                                 slot.source_lsn = lsn.0;
                             }
+                            pace.sample(&slots[..databases.len()]);
                         }
                     }
                     Some(Err(_)) => source = None,
@@ -284,7 +386,7 @@ impl Runner {
                 }
             }
             if let Some(request) = take_request(self.task.id) {
-                match self.switchover(databases, workers, &request) {
+                match self.switchover(databases, workers, &request, &pace) {
                     Ok(report) => {
                         publish_outcome(Ok(&report));
                         return Ok(());
@@ -413,6 +515,7 @@ impl Runner {
         databases: &[TaskDatabase],
         workers: &mut [Option<DynamicBackgroundWorker>],
         request: &Request,
+        pace: &Pace,
     ) -> Result<Report, Failure> {
         if self.task.phase != Phase::Incremental {
             return Err(Failure::with_hint(
@@ -437,6 +540,34 @@ impl Runner {
                     request.max_lag_bytes
                 ),
                 "wait until the apply catches up, or raise max_lag_bytes",
+            ));
+        }
+        // Fencing only to time out would stop the source's writes for nothing.
+        let slots = APPLY.share();
+        for (index, database) in databases.iter().enumerate() {
+            pgrx::debug1!(
+                "cloudmig: switchover of task {}: database {} lags {} bytes (caught up: {}), applies {:?} bytes/s lately",
+                self.task.id,
+                database.datname,
+                lag_of(&slots[index]),
+                slots[index].caught_up,
+                pace.rate(index)
+            );
+        }
+        let too_slow = databases.iter().enumerate().find_map(|(index, database)| {
+            too_slow_to_drain(
+                lag_of(&slots[index]),
+                slots[index].caught_up,
+                pace.rate(index),
+                request.timeout,
+            )
+            .map(|why| format!("database {}: {why}", database.datname))
+        });
+        drop(slots);
+        if let Some(why) = too_slow {
+            return Err(Failure::with_hint(
+                why,
+                "wait until the apply catches up (cloudmig.apply_progress), or raise timeout_seconds",
             ));
         }
         self.set_phase(Phase::SwitchingOver, "")

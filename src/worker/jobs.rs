@@ -152,55 +152,51 @@ fn dispatch(
             })
             .collect();
         for (index, (state, result, error, transient)) in states.into_iter().enumerate() {
-            match state {
+            let free = match state {
                 JobState::Done => {
                     if let Some(job) = running[index].take() {
                         txn::run(|| on_done(&job, result))?;
                     }
                     JOBS.exclusive()[index].state = JobState::Free;
+                    true
                 }
                 JobState::Failed => {
                     let job = running[index].take().unwrap_or_default();
-                    let what = match job.kind {
-                        JobKind::CopyTable => format!("copying {}.{}", job.schema, job.table),
-                        JobKind::ApplyScript => "applying the schema".to_string(),
-                        JobKind::CopySequences => "copying sequences".to_string(),
-                        JobKind::CopyLargeObjects => "copying large objects".to_string(),
-                        JobKind::RefreshMaterializedViews => {
-                            "refreshing materialized views".to_string()
-                        }
-                        JobKind::CountRows => "counting rows".to_string(),
-                        JobKind::None => "a job".to_string(),
-                    };
-                    let mut failure = Failure::new(format!("{what} failed: {error}"));
+                    let mut failure = Failure::new(format!("{} failed: {error}", describe(&job)));
                     failure.transient = transient;
                     return Err(Stop::Failed(failure));
                 }
-                JobState::Free if running[index].is_none() => {
-                    if let Some(job) = queue.pop_front() {
-                        txn::run(|| on_assign(&job))?;
-                        let pid = {
-                            let mut slots = JOBS.exclusive();
-                            let slot = &mut slots[index];
-                            slot.kind = job.kind;
-                            slot.schema.set(&job.schema);
-                            slot.table.set(&job.table);
-                            slot.snapshot.set(&job.snapshot);
-                            slot.path.set(&job.path);
-                            slot.truncate_first = job.truncate_first;
-                            slot.resuming = job.resuming;
-                            slot.checksums = job.checksums;
-                            slot.rows = 0;
-                            slot.bytes = 0;
-                            slot.error.set("");
-                            slot.state = JobState::Assigned;
-                            slot.worker_pid
-                        };
-                        shared::wake(pid);
-                        running[index] = Some(job);
-                    }
+                JobState::Free => true,
+                _ => false,
+            };
+            // A slot whose job just finished gets the next one in the same
+            // pass: the worker's wake-up was consumed by this pass, so
+            // waiting for the next one would leave the slot idle a whole nap.
+            if free && running[index].is_none() {
+                if let Some(job) = queue.pop_front() {
+                    txn::run(|| on_assign(&job))?;
+                    let pid = {
+                        let mut slots = JOBS.exclusive();
+                        let slot = &mut slots[index];
+                        slot.kind = job.kind;
+                        slot.schema.set(&job.schema);
+                        slot.table.set(&job.table);
+                        slot.snapshot.set(&job.snapshot);
+                        slot.path.set(&job.path);
+                        slot.truncate_first = job.truncate_first;
+                        slot.resuming = job.resuming;
+                        slot.checksums = job.checksums;
+                        slot.rows = 0;
+                        slot.bytes = 0;
+                        slot.error.set("");
+                        slot.state = JobState::Assigned;
+                        slot.worker_pid
+                    };
+                    // A worker still starting up has no pid yet: it looks at
+                    // its slot once it has recorded one.
+                    shared::wake(pid);
+                    running[index] = Some(job);
                 }
-                _ => {}
             }
         }
         if queue.is_empty() && running.iter().all(Option::is_none) {
@@ -220,6 +216,21 @@ fn dispatch(
                 }
             }
         }
+        // Every finished job wakes this worker; the timeout only bounds how
+        // late a crashed database worker or a cancel is noticed.
         txn::nap(Duration::from_millis(500));
+    }
+}
+
+/// What a job does, for error messages.
+fn describe(job: &Job) -> String {
+    match job.kind {
+        JobKind::CopyTable => format!("copying {}.{}", job.schema, job.table),
+        JobKind::ApplyScript => "applying the schema".to_string(),
+        JobKind::CopySequences => "copying sequences".to_string(),
+        JobKind::CopyLargeObjects => "copying large objects".to_string(),
+        JobKind::RefreshMaterializedViews => "refreshing materialized views".to_string(),
+        JobKind::CountRows => "counting rows".to_string(),
+        JobKind::None => "a job".to_string(),
     }
 }

@@ -147,14 +147,29 @@ fn split_acl_items(text: &str) -> Vec<String> {
 }
 
 /// Refreshes here every materialized view that is populated on the source.
-pub fn refresh_materialized_views(source: &mut Connection) -> Result<usize, ObjectsError> {
+/// Refreshes every materialized view populated at the snapshot, each as
+/// its owner here (or as `caller`, who started the task, when that owner is
+/// a superuser and the caller is not: see `schema::execute`). PostgreSQL
+/// runs the view's query as the owner already (matview.c); the session user
+/// is the owner too, so nothing in it sees the superuser driving the copy.
+pub fn refresh_materialized_views(
+    source: &mut Connection,
+    caller: pgrx::pg_sys::Oid,
+) -> Result<usize, ObjectsError> {
     let views = source.simple_query(
         "SELECT pg_catalog.format('%I.%I', schemaname, matviewname) AS name \
            FROM pg_catalog.pg_matviews WHERE ispopulated ORDER BY 1",
     )?;
     for view in &views {
         let name = view.try_get("name")?.unwrap_or_default();
-        run_utf8(&format!("REFRESH MATERIALIZED VIEW {name}"))?;
+        let owner = pgrx::Spi::get_one_with_args::<pgrx::pg_sys::Oid>(
+            "SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1::pg_catalog.regclass",
+            &[name.into()],
+        )?
+        .unwrap_or(caller);
+        crate::schema::execute::as_owner_for(owner, caller, || {
+            run_utf8(&format!("REFRESH MATERIALIZED VIEW {name}"))
+        })?;
     }
     Ok(views.len())
 }

@@ -34,6 +34,8 @@ pub enum ScriptError {
     SecondConnect { line: usize },
     #[error("the script turns standard_conforming_strings off")]
     StandardStringsOff,
+    #[error("unexpected statement in the script: {statement} ...")]
+    UnexpectedStatement { statement: String },
 }
 
 impl ScriptError {
@@ -50,6 +52,252 @@ impl ScriptError {
                  syntax, and report the case"
             }
         }
+    }
+}
+
+/// One step of a pg_dump script (`--use-set-session-authorization`), read
+/// as the server would run it: who each statement runs as is what the
+/// `SET SESSION AUTHORIZATION` before it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// pg_dump's own session settings (`SET name = value`, `SELECT
+    /// pg_catalog.set_config('search_path', ...)`): they run no code of the
+    /// source and must outlive the statement, so they run as they are.
+    Setting(String),
+    /// A statement to run as `owner`, the role pg_dump named last (`None`:
+    /// `SET SESSION AUTHORIZATION DEFAULT`, the objects pg_dump gives no
+    /// owner: extensions and their comments).
+    Run {
+        owner: Option<String>,
+        kind: StepKind,
+        statement: String,
+    },
+}
+
+/// What a [`Step::Run`] statement needs beyond its owner's rights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// An object's DDL: its owner's rights are enough where PostgreSQL
+    /// lets a non-superuser create it at all.
+    Object,
+    /// A statement that runs no code but often needs more than its owner's
+    /// rights: database-level settings (`ALTER DATABASE ... SET`, `ALTER ROLE
+    /// ... IN DATABASE ... SET`) and `ALTER ... OWNER TO` (pg_dump's way for
+    /// schema `public`). A superuser caller's migration runs it as the
+    /// bootstrap superuser; otherwise it is left out if its owner may not.
+    NoCode,
+    /// An object only a superuser may create (event trigger, operator class
+    /// or family, text search parser or template, foreign-data wrapper,
+    /// procedural language): created as its owner when that role may, else
+    /// left out with a warning instead of failing the whole step.
+    SuperuserOnly,
+}
+
+/// The steps of a script without meta-commands (`SplitScript::after_connect`):
+/// `SET SESSION AUTHORIZATION 'x'` / `DEFAULT` and `RESET SESSION
+/// AUTHORIZATION` (pg_dump's grantor switches around GRANTs) are read, not
+/// run. Any other statement that would change who runs what (`SET ROLE`,
+/// `SET session_authorization`, `RESET ALL`, `set_config` of anything but
+/// search_path...) is refused: pg_dump writes none of them, and every
+/// statement of the script is pg_dump's own (the lexer keeps what an object's
+/// owner wrote inside its literals and bodies).
+pub fn steps(script: &str) -> Result<Vec<Step>, ScriptError> {
+    let mut owner: Option<String> = None;
+    let mut out = Vec::new();
+    for item in lexer::lex(script)? {
+        let statement = match item {
+            Item::Statement(statement) => statement,
+            Item::MetaCommand { name, line, .. } => {
+                return Err(ScriptError::UnexpectedMetaCommand { name, line })
+            }
+        };
+        refuse_standard_strings_off(&statement)?;
+        match classify(&statement) {
+            Class::Authorization(role) => owner = role,
+            Class::Unexpected => {
+                return Err(ScriptError::UnexpectedStatement {
+                    statement: leading_words(&statement, 4).join(" "),
+                })
+            }
+            Class::Setting => out.push(Step::Setting(statement)),
+            Class::Run(kind) => out.push(Step::Run {
+                owner: owner.clone(),
+                kind,
+                statement,
+            }),
+        }
+    }
+    Ok(schema_privileges_first(out))
+}
+
+/// Moves the `GRANT`/`REVOKE ... ON SCHEMA` steps (each with its own
+/// grantor) to right after the last `CREATE SCHEMA`, or before the first
+/// other statement. pg_dump puts privileges last, which is right when a
+/// superuser creates everything; run as their owners, objects in a schema
+/// someone else owns (`public`, say) need its `CREATE` or `USAGE` first.
+/// The end state is the same: these steps only change schemas' ACLs.
+fn schema_privileges_first(steps: Vec<Step>) -> Vec<Step> {
+    let is_schema_privilege = |step: &Step| match step {
+        Step::Run { statement, .. } => {
+            let tokens = lexer::leading_tokens(statement, 12);
+            matches!(tokens.first(), Some(Token::Word(w))
+                if w.eq_ignore_ascii_case("GRANT") || w.eq_ignore_ascii_case("REVOKE"))
+                && tokens.windows(2).any(|pair| {
+                    matches!(pair, [Token::Word(a), Token::Word(b)]
+                        if a.eq_ignore_ascii_case("ON") && b.eq_ignore_ascii_case("SCHEMA"))
+                })
+        }
+        Step::Setting(_) => false,
+    };
+    let (privileges, rest): (Vec<Step>, Vec<Step>) =
+        steps.into_iter().partition(is_schema_privilege);
+    if privileges.is_empty() {
+        return rest;
+    }
+    let creates_schema = |step: &Step| match step {
+        Step::Run { statement, .. } => leading_words(statement, 2) == ["CREATE", "SCHEMA"],
+        Step::Setting(_) => false,
+    };
+    let at = match rest.iter().rposition(creates_schema) {
+        Some(last) => last + 1,
+        None => rest
+            .iter()
+            .position(|step| {
+                matches!(
+                    step,
+                    Step::Run {
+                        kind: StepKind::Object,
+                        ..
+                    }
+                )
+            })
+            .unwrap_or(rest.len()),
+    };
+    let mut out = rest;
+    out.splice(at..at, privileges);
+    out
+}
+
+/// A statement as [`steps`] sorts it.
+#[derive(Debug, PartialEq, Eq)]
+enum Class {
+    Authorization(Option<String>),
+    /// Something pg_dump does not write that would change who runs what,
+    /// or a setting in a form pg_dump does not use.
+    Unexpected,
+    Setting,
+    Run(StepKind),
+}
+
+/// The settings through which identity changes (`SET ROLE` is `role`).
+const IDENTITY_SETTINGS: [&str; 2] = ["role", "session_authorization"];
+
+fn classify(statement: &str) -> Class {
+    let tokens = lexer::leading_tokens(statement, 12);
+    let word = |i: usize| match tokens.get(i) {
+        Some(Token::Word(w)) => w.to_ascii_uppercase(),
+        _ => String::new(),
+    };
+    // A setting's name, quoted or not, lower-cased as the server folds it.
+    let name = |i: usize| match tokens.get(i) {
+        Some(Token::Word(w)) => w.to_ascii_lowercase(),
+        Some(Token::QuotedIdent(q)) => q.clone(),
+        _ => String::new(),
+    };
+    match word(0).as_str() {
+        "SET" | "RESET" => {
+            let reset = word(0) == "RESET";
+            // SET [SESSION | LOCAL] ...
+            let mut at = 1;
+            if matches!(word(1).as_str(), "SESSION" | "LOCAL")
+                && !(word(1) == "SESSION" && word(2) == "AUTHORIZATION")
+            {
+                at = 2;
+            }
+            if word(at) == "SESSION" && word(at + 1) == "AUTHORIZATION" {
+                if at != 1 {
+                    return Class::Unexpected;
+                }
+                if reset {
+                    return Class::Authorization(None);
+                }
+                return match (tokens.get(at + 2), tokens.get(at + 3)) {
+                    (Some(Token::Word(w)), None | Some(Token::Symbol(';')))
+                        if w.eq_ignore_ascii_case("DEFAULT") =>
+                    {
+                        Class::Authorization(None)
+                    }
+                    (
+                        Some(Token::Literal(role) | Token::QuotedIdent(role)),
+                        None | Some(Token::Symbol(';')),
+                    ) => Class::Authorization(Some(role.clone())),
+                    (Some(Token::Word(role)), None | Some(Token::Symbol(';'))) => {
+                        Class::Authorization(Some(role.to_ascii_lowercase()))
+                    }
+                    _ => Class::Unexpected,
+                };
+            }
+            let setting = name(at);
+            if IDENTITY_SETTINGS.contains(&setting.as_str()) || (reset && word(at) == "ALL") {
+                return Class::Unexpected;
+            }
+            if reset || word(1) == "SESSION" || word(1) == "LOCAL" || setting.is_empty() {
+                // pg_dump writes only plain `SET name = value`.
+                return Class::Unexpected;
+            }
+            Class::Setting
+        }
+        "SELECT" => {
+            let calls_set_config = name(1) == "pg_catalog"
+                && tokens.get(2) == Some(&Token::Symbol('.'))
+                && name(3) == "set_config";
+            let unqualified_set_config = name(1) == "set_config";
+            match (calls_set_config, tokens.get(5)) {
+                (true, Some(Token::Literal(setting))) if setting == "search_path" => Class::Setting,
+                _ if calls_set_config || unqualified_set_config => Class::Unexpected,
+                _ => Class::Run(StepKind::Object),
+            }
+        }
+        "ALTER" if word(1) == "DATABASE" => Class::Run(StepKind::NoCode),
+        "ALTER"
+            if tokens.windows(2).any(|pair| {
+                matches!(pair, [Token::Word(a), Token::Word(b)]
+                    if a.eq_ignore_ascii_case("OWNER") && b.eq_ignore_ascii_case("TO"))
+            }) =>
+        {
+            Class::Run(StepKind::NoCode)
+        }
+        "ALTER" if matches!(word(1).as_str(), "ROLE" | "USER") => Class::Run(StepKind::NoCode),
+        "CREATE" => {
+            let mut at = 1;
+            if word(1) == "OR" && word(2) == "REPLACE" {
+                at = 3;
+            }
+            if matches!(word(at).as_str(), "TRUSTED" | "PROCEDURAL") {
+                at += 1;
+            }
+            if word(at) == "PROCEDURAL" {
+                at += 1;
+            }
+            let superuser_only = matches!(
+                (
+                    word(at).as_str(),
+                    word(at + 1).as_str(),
+                    word(at + 2).as_str()
+                ),
+                ("EVENT", "TRIGGER", _)
+                    | ("OPERATOR", "CLASS" | "FAMILY", _)
+                    | ("TEXT", "SEARCH", "PARSER" | "TEMPLATE")
+                    | ("FOREIGN", "DATA", "WRAPPER")
+                    | ("LANGUAGE", _, _)
+            );
+            Class::Run(if superuser_only {
+                StepKind::SuperuserOnly
+            } else {
+                StepKind::Object
+            })
+        }
+        _ => Class::Run(StepKind::Object),
     }
 }
 
@@ -143,6 +391,37 @@ pub fn database_statements(before_connect: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The owner pg_dump `--use-set-session-authorization` gives the database
+/// it creates: the session authorization in force at `CREATE DATABASE`
+/// (there is no `ALTER DATABASE ... OWNER TO` in that mode).
+pub fn database_owner(before_connect: &[String]) -> Option<String> {
+    let mut owner = None;
+    for statement in before_connect {
+        match classify(statement) {
+            Class::Authorization(role) => owner = role,
+            _ if leading_words(statement, 2) == ["CREATE", "DATABASE"] => return owner,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// What a statement does, for messages: its leading words and names up to
+/// the first value (a literal, a parenthesis), so nothing an option or a
+/// setting holds (a user mapping's password) is repeated.
+pub fn describe(statement: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for token in lexer::leading_tokens(statement, 16) {
+        match token {
+            Token::Word(word) => out.push(word),
+            Token::QuotedIdent(name) => out.push(format!("\"{}\"", name.replace('"', "\"\""))),
+            Token::Symbol('.') => out.push(".".into()),
+            _ => break,
+        }
+    }
+    out.join(" ").replace(" . ", ".")
+}
+
 /// The first `max` unquoted words of a statement, upper-cased; stops at the
 /// first token that is not one.
 pub fn leading_words(statement: &str, max: usize) -> Vec<String> {
@@ -196,6 +475,25 @@ mod tests {
         \\restrict abc123\n\
         CREATE TABLE public.t (\n    id integer\n);\n\
         \\unrestrict abc123\n";
+
+    #[test]
+    fn the_database_owner_is_the_authorization_at_create_database() {
+        let before = vec![
+            "SET statement_timeout = 0;".to_string(),
+            "SET SESSION AUTHORIZATION 'Alice';".to_string(),
+            "CREATE DATABASE app WITH TEMPLATE = template0;".to_string(),
+        ];
+        assert_eq!(database_owner(&before), Some("Alice".to_string()));
+        assert_eq!(database_owner(&before[2..]), None);
+        assert_eq!(
+            describe("CREATE USER MAPPING FOR \"a b\" SERVER s OPTIONS (\n password 'secret'\n);"),
+            "CREATE USER MAPPING FOR \"a b\" SERVER s OPTIONS"
+        );
+        assert_eq!(
+            describe("ALTER TABLE ONLY s.t\n    ADD CONSTRAINT c CHECK (x);"),
+            "ALTER TABLE ONLY s.t ADD CONSTRAINT c CHECK"
+        );
+    }
 
     #[test]
     fn splits_at_connect_and_drops_meta_commands() {
@@ -306,6 +604,171 @@ mod tests {
         }
         assert!(matches!(
             statements("\\connect x\nCREATE ROLE a;\n"),
+            Err(ScriptError::UnexpectedMetaCommand { .. })
+        ));
+    }
+
+    fn run(owner: Option<&str>, kind: StepKind, statement: &str) -> Step {
+        Step::Run {
+            owner: owner.map(str::to_string),
+            kind,
+            statement: statement.to_string(),
+        }
+    }
+
+    /// pg_dump 15's `--use-set-session-authorization` output, as it reads.
+    #[test]
+    fn steps_follow_the_session_authorization() {
+        let script = "SET statement_timeout = 0;\n\
+            SELECT pg_catalog.set_config('search_path', '', false);\n\
+            SET SESSION AUTHORIZATION 'alice';\n\
+            ALTER DATABASE app SET work_mem TO '12MB';\n\
+            ALTER SCHEMA public OWNER TO alice;\n\
+            ALTER ROLE bob IN DATABASE app SET work_mem TO '3MB';\n\
+            CREATE SCHEMA s;\n\
+            SET SESSION AUTHORIZATION DEFAULT;\n\
+            CREATE EXTENSION IF NOT EXISTS hstore WITH SCHEMA public;\n\
+            SET SESSION AUTHORIZATION 'O''Brien \"x\"';\n\
+            SET default_tablespace = '';\n\
+            CREATE TABLE s.t (\n    a integer\n);\n\
+            SET SESSION AUTHORIZATION bob;\n\
+            GRANT SELECT ON TABLE s.t TO PUBLIC;\n\
+            RESET SESSION AUTHORIZATION;\n\
+            SET SESSION AUTHORIZATION \"Postgres\";\n\
+            CREATE EVENT TRIGGER et ON ddl_command_end\n   EXECUTE FUNCTION public.evt();\n\
+            CREATE OR REPLACE PROCEDURAL LANGUAGE plperlu;\n";
+        assert_eq!(
+            steps(script).unwrap(),
+            vec![
+                Step::Setting("SET statement_timeout = 0;".into()),
+                Step::Setting("SELECT pg_catalog.set_config('search_path', '', false);".into()),
+                run(
+                    Some("alice"),
+                    StepKind::NoCode,
+                    "ALTER DATABASE app SET work_mem TO '12MB';"
+                ),
+                run(
+                    Some("alice"),
+                    StepKind::NoCode,
+                    "ALTER SCHEMA public OWNER TO alice;"
+                ),
+                run(
+                    Some("alice"),
+                    StepKind::NoCode,
+                    "ALTER ROLE bob IN DATABASE app SET work_mem TO '3MB';"
+                ),
+                run(Some("alice"), StepKind::Object, "CREATE SCHEMA s;"),
+                run(
+                    None,
+                    StepKind::Object,
+                    "CREATE EXTENSION IF NOT EXISTS hstore WITH SCHEMA public;"
+                ),
+                Step::Setting("SET default_tablespace = '';".into()),
+                run(
+                    Some("O'Brien \"x\""),
+                    StepKind::Object,
+                    "CREATE TABLE s.t (\n    a integer\n);"
+                ),
+                run(
+                    Some("bob"),
+                    StepKind::Object,
+                    "GRANT SELECT ON TABLE s.t TO PUBLIC;"
+                ),
+                run(
+                    Some("Postgres"),
+                    StepKind::SuperuserOnly,
+                    "CREATE EVENT TRIGGER et ON ddl_command_end\n   EXECUTE FUNCTION public.evt();"
+                ),
+                run(
+                    Some("Postgres"),
+                    StepKind::SuperuserOnly,
+                    "CREATE OR REPLACE PROCEDURAL LANGUAGE plperlu;"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn schema_privileges_come_before_the_objects() {
+        let script = "SET SESSION AUTHORIZATION 'alice';\nCREATE SCHEMA s;\n\
+            SET SESSION AUTHORIZATION 'carol';\nCREATE TABLE public.t (a integer);\n\
+            GRANT SELECT ON TABLE public.t TO bob;\n\
+            SET SESSION AUTHORIZATION 'pg_database_owner';\n\
+            GRANT CREATE ON SCHEMA public TO carol;\n\
+            SET SESSION AUTHORIZATION 'alice';\nREVOKE ALL ON SCHEMA s FROM PUBLIC;\n";
+        let order: Vec<(Option<String>, String)> = steps(script)
+            .unwrap()
+            .into_iter()
+            .filter_map(|step| match step {
+                Step::Run {
+                    owner, statement, ..
+                } => Some((owner, statement)),
+                Step::Setting(_) => None,
+            })
+            .collect();
+        let owner = |o: &str| Some(o.to_string());
+        assert_eq!(
+            order,
+            vec![
+                (owner("alice"), "CREATE SCHEMA s;".to_string()),
+                (
+                    owner("pg_database_owner"),
+                    "GRANT CREATE ON SCHEMA public TO carol;".to_string()
+                ),
+                (
+                    owner("alice"),
+                    "REVOKE ALL ON SCHEMA s FROM PUBLIC;".to_string()
+                ),
+                (
+                    owner("carol"),
+                    "CREATE TABLE public.t (a integer);".to_string()
+                ),
+                (
+                    owner("carol"),
+                    "GRANT SELECT ON TABLE public.t TO bob;".to_string()
+                ),
+            ]
+        );
+    }
+
+    /// Text of an object's owner never becomes a step of its own, and every
+    /// other way to change identity is refused.
+    #[test]
+    fn identity_changes_pg_dump_does_not_write_are_refused() {
+        let inside_a_literal = "SET SESSION AUTHORIZATION 'evil';\n\
+            COMMENT ON TABLE t IS 'x;\nRESET SESSION AUTHORIZATION;\nSET ROLE postgres;';\n";
+        assert_eq!(
+            steps(inside_a_literal).unwrap(),
+            vec![run(
+                Some("evil"),
+                StepKind::Object,
+                "COMMENT ON TABLE t IS 'x;\nRESET SESSION AUTHORIZATION;\nSET ROLE postgres;';"
+            )]
+        );
+        for hostile in [
+            "SET ROLE postgres;",
+            "set role 'postgres';",
+            "SET SESSION ROLE postgres;",
+            "SET LOCAL ROLE postgres;",
+            "RESET ROLE;",
+            "RESET ALL;",
+            "SET \"role\" = 'postgres';",
+            "SET session_authorization = 'postgres';",
+            "SET LOCAL SESSION AUTHORIZATION 'postgres';",
+            "SET SESSION AUTHORIZATION 'a' || 'b';",
+            "/* x */ SET\n ROLE\n postgres;",
+            "SELECT pg_catalog.set_config('role', 'postgres', false);",
+            "SELECT set_config('search_path', 'evil', false);",
+            "SET LOCAL search_path = evil;",
+            "RESET search_path;",
+        ] {
+            assert!(
+                matches!(steps(hostile), Err(ScriptError::UnexpectedStatement { .. })),
+                "{hostile}"
+            );
+        }
+        assert!(matches!(
+            steps("SELECT 1;\n\\connect x\n"),
             Err(ScriptError::UnexpectedMetaCommand { .. })
         ));
     }

@@ -6,7 +6,7 @@
 use super::shared::{self, JobKind, JobState, JOBS, TASK};
 use super::txn::{self, Failure};
 use crate::copy::{into_table, objects};
-use crate::schema::execute;
+use crate::schema::{execute, script};
 use crate::source::{quote_ident, quote_literal, ConnInfo, ConnectOptions, Connection};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -143,16 +143,21 @@ fn run_job(
             let path = job.path.get();
             let sql = std::fs::read_to_string(&path)
                 .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
-            let applied =
-                txn::run(|| execute::script(&sql).map_err(|e| Failure::new(e.to_string())));
-            match applied {
+            let steps = script::steps(&sql)
+                .map_err(|e| Failure::with_hint(format!("schema script refused: {e}"), e.hint()))?;
+            let applied = txn::run(|| Ok(execute::steps_as_owners(&steps, job.caller)));
+            let skipped = match applied {
                 // The attempt that died had applied it (see JobSlot::resuming).
                 Err(failure) if job.resuming && failure.is_duplicate_object() => {
                     pgrx::log!("cloudmig: {path} was applied before the task resumed ({failure})");
-                    Ok(())
+                    Vec::new()
                 }
-                other => other,
-            }
+                other => other?,
+            };
+            // For the task worker's events (this worker cannot reach the catalog).
+            let lines: String = skipped.iter().map(|s| s.message() + "\n").collect();
+            std::fs::write(skipped_path(&path), lines)
+                .map_err(|e| Failure::new(format!("could not write {}: {e}", skipped_path(&path))))
         }
         JobKind::CopyTable => {
             let connection = session_for(session, database, &snapshot)?;
@@ -183,7 +188,7 @@ fn run_job(
         JobKind::RefreshMaterializedViews => {
             let connection = session_for(session, database, &snapshot)?;
             txn::run(|| {
-                objects::refresh_materialized_views(connection)
+                objects::refresh_materialized_views(connection, job.caller)
                     .map(|_| ())
                     .map_err(|e| Failure::new(e.to_string()))
             })
@@ -191,6 +196,12 @@ fn run_job(
         JobKind::CountRows => count_rows(&job.path.get(), job.checksums),
         JobKind::None => Ok(()),
     }
+}
+
+/// Where an ApplyScript job lists the statements it left out, one event
+/// line each.
+pub fn skipped_path(script_path: &str) -> String {
+    format!("{script_path}.skipped")
 }
 
 /// Copies one table: its rows at the session's snapshot replace whatever an

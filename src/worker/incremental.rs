@@ -683,6 +683,7 @@ impl Runner {
                 },
                 Job {
                     kind: JobKind::RefreshMaterializedViews,
+                    caller: self.task.started_by.unwrap_or(pg_sys::InvalidOid),
                     ..Job::default()
                 },
             ];

@@ -27,6 +27,8 @@ pub struct Job {
     pub truncate_first: bool,
     pub resuming: bool,
     pub checksums: bool,
+    /// See `JobSlot::caller`.
+    pub caller: pgrx::pg_sys::Oid,
 }
 
 /// What a finished job reports.
@@ -186,6 +188,7 @@ fn dispatch(
                         slot.truncate_first = job.truncate_first;
                         slot.resuming = job.resuming;
                         slot.checksums = job.checksums;
+                        slot.caller = job.caller;
                         slot.rows = 0;
                         slot.bytes = 0;
                         slot.error.set("");

@@ -261,6 +261,10 @@ pub struct JobSlot {
     pub resuming: bool,
     /// CountRows: also compute an order-independent checksum.
     pub checksums: bool,
+    /// ApplyScript, RefreshMaterializedViews: the role that started the
+    /// task (`cloudmig.task.started_by`), on whose behalf nothing may run
+    /// as a superuser unless it is one.
+    pub caller: pg_sys::Oid,
     /// Live progress of the current job.
     pub rows: u64,
     pub bytes: u64,

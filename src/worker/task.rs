@@ -31,7 +31,7 @@ use crate::catalog::tasks::{self, Phase, PlannedTable, TableCopy, Task, TaskData
 use crate::copy::SOURCE_TABLES_SQL;
 use crate::schema::{dump, execute, roles, script};
 use crate::source::{
-    quote_literal, ConnInfo, ConnectOptions, Connection, CreatedSlot, SourceError,
+    quote_ident, quote_literal, ConnInfo, ConnectOptions, Connection, CreatedSlot, SourceError,
 };
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
@@ -633,7 +633,22 @@ impl Runner {
         )
     }
 
-    fn write_script(&self, name: &str, sql: &str) -> Result<String, Stop> {
+    /// Writes a script for an ApplyScript job, once it is known to read as
+    /// pg_dump writes it (see `script::steps`; the database worker reads it
+    /// again the same way).
+    fn write_script(
+        &self,
+        name: &str,
+        sql: &str,
+        section: &str,
+        datname: &str,
+    ) -> Result<String, Stop> {
+        script::steps(sql).map_err(|e| {
+            Stop::Failed(Failure::with_hint(
+                format!("{section} schema dump of {datname} refused: {e}"),
+                e.hint(),
+            ))
+        })?;
         let path = self.work_dir.join(name);
         std::fs::write(&path, sql).map_err(|e| {
             Stop::Failed(Failure::new(format!(
@@ -642,6 +657,28 @@ impl Runner {
             )))
         })?;
         Ok(path.display().to_string())
+    }
+
+    /// The role that started the task, on whose behalf the schema runs.
+    fn caller(&self) -> pg_sys::Oid {
+        self.task.started_by.unwrap_or(pg_sys::InvalidOid)
+    }
+
+    /// Records as warning events what an ApplyScript job left out.
+    fn record_skipped(&self, datname: &str, job: &Job) -> Result<(), Failure> {
+        if job.kind != JobKind::ApplyScript {
+            return Ok(());
+        }
+        let path = super::database::skipped_path(&job.path);
+        let lines = match std::fs::read_to_string(&path) {
+            Ok(lines) => lines,
+            Err(e) => return Err(Failure::new(format!("could not read {path}: {e}"))),
+        };
+        for line in lines.lines().filter(|l| !l.is_empty()) {
+            tasks::add_event(self.task.id, Some(datname), "warning", line)
+                .map_err(|e| Failure::new(e.to_string()))?;
+        }
+        Ok(())
     }
 
     fn apply_pre_data(&mut self) -> Result<(), Stop> {
@@ -671,6 +708,9 @@ impl Runner {
                     "--schema-only",
                     "--section=pre-data",
                     "--create",
+                    // Each object's statements preceded by its owner, run
+                    // as that owner (see schema::execute).
+                    "--use-set-session-authorization",
                     "--no-publications",
                     "--no-subscriptions",
                     &format!("--snapshot={snapshot}"),
@@ -700,17 +740,37 @@ impl Runner {
                         }
                     })?;
                 }
+                // Created by the bootstrap superuser (creating a database
+                // from template0 runs no code of the source), then given to
+                // its owner, as pg_dump's ALTER DATABASE ... OWNER TO would.
+                if let Some(owner) = script::database_owner(&split.before_connect) {
+                    let statement = format!(
+                        "ALTER DATABASE {} OWNER TO {}",
+                        quote_ident(&datname),
+                        quote_ident(&owner)
+                    );
+                    txn::run(|| {
+                        execute::run_utf8(&statement).map_err(|e| Failure::new(e.to_string()))
+                    })?;
+                }
                 self.set_database_state(&datname, "created", Some(&lsn))?;
             }
-            let path =
-                self.write_script(&format!("pre-data-{ordinal}.sql"), &split.after_connect)?;
+            let path = self.write_script(
+                &format!("pre-data-{ordinal}.sql"),
+                &split.after_connect,
+                "pre-data",
+                &datname,
+            )?;
             let job = Job {
                 kind: JobKind::ApplyScript,
                 resuming: self.resumed,
                 path,
+                caller: self.caller(),
                 ..Job::default()
             };
-            self.run_jobs(&datname, vec![job], 1, &mut |_| Ok(()), &mut |_, _| Ok(()))?;
+            self.run_jobs(&datname, vec![job], 1, &mut |_| Ok(()), &mut |job, _| {
+                self.record_skipped(&datname, job)
+            })?;
             self.set_database_state(&datname, "schema_applied", Some(&lsn))?;
             self.event(
                 Some(&datname),
@@ -855,6 +915,7 @@ impl Runner {
             let mut args = vec![
                 "--schema-only".to_string(),
                 "--section=post-data".to_string(),
+                "--use-set-session-authorization".to_string(),
                 "--no-publications".to_string(),
                 "--no-subscriptions".to_string(),
             ];
@@ -869,22 +930,30 @@ impl Runner {
                     e.hint(),
                 ))
             })?;
-            let path =
-                self.write_script(&format!("post-data-{ordinal}.sql"), &split.after_connect)?;
+            let path = self.write_script(
+                &format!("post-data-{ordinal}.sql"),
+                &split.after_connect,
+                "post-data",
+                &datname,
+            )?;
             let jobs = vec![
                 Job {
                     kind: JobKind::ApplyScript,
                     resuming: self.resumed,
                     path,
+                    caller: self.caller(),
                     ..Job::default()
                 },
                 Job {
                     kind: JobKind::RefreshMaterializedViews,
                     snapshot,
+                    caller: self.caller(),
                     ..Job::default()
                 },
             ];
-            self.run_jobs(&datname, jobs, 1, &mut |_| Ok(()), &mut |_, _| Ok(()))?;
+            self.run_jobs(&datname, jobs, 1, &mut |_| Ok(()), &mut |job, _| {
+                self.record_skipped(&datname, job)
+            })?;
             txn::spi(|| tasks::mark_indexed(task_id, &datname))?;
             self.set_database_state(&datname, "post_data_applied", None)?;
             self.event(

@@ -15,7 +15,7 @@
 //! | pg_dump's session settings | as they are | as they are |
 //! | owned by a role that is not a superuser here | as that owner | as that owner |
 //! | owned by a superuser here, or by nobody (extensions) | as that superuser | as the caller; left out with a warning if the caller may not |
-//! | database settings (`ALTER DATABASE/ROLE ... SET`), `ALTER ... OWNER TO` (run no code) | as the bootstrap superuser | as the owner; left out with a warning if it may not |
+//! | database settings (`ALTER DATABASE/ROLE ... SET`), `ALTER ... OWNER TO`, `CREATE SCHEMA` (run no code) | as the bootstrap superuser (`CREATE SCHEMA ... AUTHORIZATION` the owner) | as the owner; left out with a warning if it may not |
 //! | superuser-only objects (event triggers, languages...) | as the owner; left out with a warning if it may not | as above, left out if not allowed |
 //!
 //! "As a role" is [`crate::owner::SessionAs`]: session and current user,
@@ -142,8 +142,20 @@ pub fn steps_as_owners(steps: &[Step], caller: pg_sys::Oid) -> Vec<Skipped> {
                 .entry(name.clone())
                 .or_insert_with(|| role_by_name(name))
         });
+        let authorized;
+        let statement = match (kind, owner, caller_is_superuser) {
+            (StepKind::Schema, Some(owner), true) => {
+                authorized = format!(
+                    "{} AUTHORIZATION {};",
+                    statement.trim_end().trim_end_matches(';'),
+                    crate::source::quote_ident(owner)
+                );
+                &authorized
+            }
+            _ => statement,
+        };
         let (role, may_fail) = match (kind, owner_role, caller_is_superuser) {
-            (StepKind::NoCode, _, true) | (_, None, true) => (None, false),
+            (StepKind::NoCode | StepKind::Schema, _, true) | (_, None, true) => (None, false),
             (_, Some((oid, _)), true) => (Some(oid), kind == StepKind::SuperuserOnly),
             (_, Some((oid, false)), false) => (Some(oid), kind != StepKind::Object),
             // A superuser's object (or no one's) for a caller who is not one:

@@ -86,6 +86,11 @@ pub enum StepKind {
     /// schema `public`). A superuser caller's migration runs it as the
     /// bootstrap superuser; otherwise it is left out if its owner may not.
     NoCode,
+    /// pg_dump's `CREATE SCHEMA name;`: the owner needs `CREATE` on the
+    /// database, which a superuser's dump often never granted. It runs no
+    /// code, so a superuser caller's migration runs it as the bootstrap
+    /// superuser with `AUTHORIZATION` the owner.
+    Schema,
     /// An object only a superuser may create (event trigger, operator class
     /// or family, text search parser or template, foreign-data wrapper,
     /// procedural language): created as its owner when that role may, else
@@ -268,6 +273,14 @@ fn classify(statement: &str) -> Class {
             Class::Run(StepKind::NoCode)
         }
         "ALTER" if matches!(word(1).as_str(), "ROLE" | "USER") => Class::Run(StepKind::NoCode),
+        "CREATE"
+            if word(1) == "SCHEMA"
+                && tokens.len() == 4
+                && matches!(tokens[2], Token::Word(_) | Token::QuotedIdent(_))
+                && tokens[3] == Token::Symbol(';') =>
+        {
+            Class::Run(StepKind::Schema)
+        }
         "CREATE" => {
             let mut at = 1;
             if word(1) == "OR" && word(2) == "REPLACE" {
@@ -657,7 +670,7 @@ mod tests {
                     StepKind::NoCode,
                     "ALTER ROLE bob IN DATABASE app SET work_mem TO '3MB';"
                 ),
-                run(Some("alice"), StepKind::Object, "CREATE SCHEMA s;"),
+                run(Some("alice"), StepKind::Schema, "CREATE SCHEMA s;"),
                 run(
                     None,
                     StepKind::Object,

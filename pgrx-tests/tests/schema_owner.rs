@@ -253,10 +253,10 @@ fn timing_of_a_schema_of_5000_objects() {
     let timeline: String = dest.query_scalar(
         "postgres",
         &format!(
-            "SELECT string_agg(format('%s  %s', \
-                        to_char(at - first_value(at) OVER (ORDER BY id), 'SS.MS'), message), \
-                    E'\\n' ORDER BY id) \
-               FROM cloudmig.events WHERE task_id = {task}"
+            "SELECT string_agg(format('%s  %s', to_char(at - t0, 'SS.MS'), message), E'\\n' \
+                    ORDER BY id) \
+               FROM (SELECT id, at, message, min(at) OVER () AS t0 \
+                       FROM cloudmig.events WHERE task_id = {task}) e"
         ),
     );
     println!("{timeline}");

@@ -369,7 +369,8 @@ impl Cluster {
         log_tail(&self.log_file, lines)
     }
 
-    pub(crate) fn try_client(&self, db: &str) -> Result<Client, postgres::Error> {
+    /// A new connection as superuser `postgres` over the Unix socket, or why not.
+    pub fn try_client(&self, db: &str) -> Result<Client, postgres::Error> {
         postgres::Config::new()
             .host_path(&self.socket_dir)
             .port(self.port)

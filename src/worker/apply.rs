@@ -258,6 +258,7 @@ impl State {
         update_slot(index, |slot| {
             slot.last_commit_time = batch.commit_time;
             slot.transactions += batch.transactions;
+            slot.last_transaction_lsn = slot.last_transaction_lsn.max(batch.end_lsn.0);
         });
     }
 

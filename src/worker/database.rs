@@ -189,6 +189,19 @@ fn run_job(
             })
         }
         JobKind::CountRows => count_rows(&job.path.get(), job.checksums),
+        JobKind::ApplyObjects => {
+            let path = job.path.get();
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
+            txn::run(|| {
+                for line in text.lines().filter(|line| !line.is_empty()) {
+                    let object: objects::SourceObject = serde_json::from_str(line)
+                        .map_err(|e| Failure::new(format!("{path}: {e}")))?;
+                    objects::apply(&object).map_err(|e| Failure::new(e.to_string()))?;
+                }
+                Ok(())
+            })
+        }
         JobKind::None => Ok(()),
     }
 }

@@ -12,6 +12,7 @@
 pub mod apply;
 pub mod cleanup;
 pub mod database;
+pub mod fence;
 pub mod incremental;
 pub mod inspect;
 pub mod jobs;

@@ -240,6 +240,9 @@ pub enum JobKind {
     /// Count (and with `checksums`, checksum) the rows of the tables listed
     /// in `path`, writing the results beside it (`.out`).
     CountRows = 6,
+    /// Set sequences, recreate large objects and refresh materialized views
+    /// from what the task worker read on the source (the JSON lines of `path`).
+    ApplyObjects = 7,
 }
 
 /// One database worker's mailbox.
@@ -304,6 +307,9 @@ pub struct ApplySlot {
     pub source_lsn: u64,
     /// The switchover's marker LSN in this database, once seen applied.
     pub fence_seen_lsn: u64,
+    /// End LSN of the last source transaction with changes committed here
+    /// (the switchover checks that none came after its marker).
+    pub last_transaction_lsn: u64,
     /// Why the apply stopped (relation, remote LSN, xid in the message).
     pub error: FixedText<1024>,
     pub error_hint: FixedText<512>,

@@ -368,13 +368,15 @@ fn an_apply_conflict_stops_with_the_relation_and_transaction() {
     let (error, hint): (String, String) = (row.get(0), row.get(1));
     for needle in [
         "public.items",
-        "remote transaction",
+        "key (id)=(5)",
+        "source transaction",
         "committing at",
         "no row",
     ] {
         assert!(error.contains(needle), "{error} lacks {needle}");
     }
     assert!(hint.contains("repair"), "{hint}");
+    assert!(hint.contains(&format!("cloudmig.resume({task})")), "{hint}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Removing what a task created on the source: its replication slots (the
 //! permanent ones and any temporary one left by a dying connection) and its
-//! publications. Used by `cloudmig.cancel()` and after a switchover (when the
+//! publications; and here, its replication origins. Used by `cloudmig.cancel()` and after a switchover (when the
 //! source databases are fenced read-only), from a backend or a worker; plain
 //! source-client calls, no worker machinery.
 
@@ -85,4 +85,17 @@ pub fn drop_with(
         ));
     }
     problems
+}
+
+/// Drops the task's replication origins here (`cloudmig_<task>_<n>`, one per
+/// source database), in the caller's transaction; returns how many went. The
+/// apply workers must have stopped: PostgreSQL refuses to drop an origin in use.
+pub fn drop_origins(task_id: i64) -> Result<i64, pgrx::spi::Error> {
+    Ok(crate::catalog::first_value::<i64>(
+        "SELECT pg_catalog.count(*) FROM ( \
+             SELECT pg_catalog.pg_replication_origin_drop(roname) \
+               FROM pg_catalog.pg_replication_origin WHERE roname LIKE $1) dropped",
+        &[format!("cloudmig\\_{task_id}\\_%").into()],
+    )?
+    .unwrap_or(0))
 }

@@ -246,12 +246,17 @@ impl Runner {
                 "a task streams at most {MAX_JOB_SLOTS} databases at once"
             ))));
         }
+        let task_id = self.task.id;
+        let skip_lsn = txn::spi(|| tasks::skip_lsn(task_id))?
+            .and_then(|lsn| lsn.parse::<Lsn>().ok())
+            .unwrap_or_default();
         {
             let mut slots = APPLY.exclusive();
             for (index, slot) in slots.iter_mut().enumerate() {
                 *slot = ApplySlot::default();
                 if let Some(database) = databases.get(index) {
                     slot.task_id = self.task.id;
+                    slot.skip_lsn = skip_lsn.0;
                     slot.database.set(&database.datname);
                     slot.start_lsn = database
                         .consistent_lsn
@@ -281,6 +286,83 @@ impl Runner {
         outcome
     }
 
+    /// Turns the apply workers' retries into events and the task's outage
+    /// columns: a warning per attempt, an info when one streams again.
+    fn record_apply_outages(
+        &self,
+        databases: &[TaskDatabase],
+        seen: &mut [u32],
+    ) -> Result<(), Stop> {
+        let task_id = self.task.id;
+        for (index, database) in databases.iter().enumerate() {
+            let (attempts, cause, ms_left) = {
+                let slots = APPLY.share();
+                let slot = &slots[index];
+                (
+                    slot.outage_attempts,
+                    slot.outage_cause.get(),
+                    slot.outage_ms_left,
+                )
+            };
+            let before = seen[index];
+            if attempts == before {
+                continue;
+            }
+            seen[index] = attempts;
+            let datname = database.datname.as_str();
+            if attempts == 0 {
+                let event = format!("streaming again after {before} retry(ies)");
+                txn::spi(|| tasks::outage_over(task_id, Some(datname), &event))?;
+                continue;
+            }
+            let left = ms_left as f64 / 1000.0;
+            let event = format!(
+                "the apply is interrupted ({cause}); retrying (attempt {attempts}; this outage \
+                 gives up in {left:.0}s)"
+            );
+            txn::spi(|| {
+                tasks::note_outage(
+                    task_id,
+                    Some(datname),
+                    &cause,
+                    attempts as i32,
+                    left,
+                    &event,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Records a transaction skipped at `cloudmig.skip`'s request, once the
+    /// apply committed past it, and forgets the request.
+    fn record_skipped(&self, databases: &[TaskDatabase]) -> Result<(), Stop> {
+        let task_id = self.task.id;
+        for (index, database) in databases.iter().enumerate() {
+            let skipped = {
+                let mut slots = APPLY.exclusive();
+                std::mem::take(&mut slots[index].skipped_lsn)
+            };
+            if skipped == 0 {
+                continue;
+            }
+            let event = format!(
+                "skipped the source transaction committing at {}, as cloudmig.skip() asked: \
+                 its changes are not applied here",
+                Lsn(skipped)
+            );
+            let datname = database.datname.as_str();
+            txn::spi(|| {
+                tasks::set_skip_lsn(task_id, None)?;
+                tasks::add_event(task_id, Some(datname), "warning", &event)
+            })?;
+            for slot in APPLY.exclusive().iter_mut() {
+                slot.skip_lsn = 0;
+            }
+        }
+        Ok(())
+    }
+
     fn follow_loop(
         &mut self,
         databases: &[TaskDatabase],
@@ -293,8 +375,11 @@ impl Runner {
         let mut source: Option<Connection> = None;
         let mut pace = Pace::default();
         let mut last_poll = Instant::now() - Duration::from_secs(10);
+        let mut outage_attempts = vec![0u32; databases.len()];
         loop {
             self.check()?;
+            self.record_apply_outages(databases, &mut outage_attempts)?;
+            self.record_skipped(databases)?;
             if last_poll.elapsed() >= Duration::from_secs(1) {
                 last_poll = Instant::now();
                 if source.is_none() {
@@ -333,16 +418,21 @@ impl Runner {
                 if !stopped {
                     continue;
                 }
-                let (error, hint) = {
+                let (error, hint, error_lsn) = {
                     let slots = APPLY.share();
-                    (slots[index].error.get(), slots[index].error_hint.get())
+                    (
+                        slots[index].error.get(),
+                        slots[index].error_hint.get(),
+                        slots[index].error_lsn,
+                    )
                 };
                 if !error.is_empty() {
+                    // Final: the apply rides out outages and transient
+                    // errors itself, within their windows.
                     let mut failure =
                         Failure::new(format!("database {}: {error}", databases[index].datname));
                     failure.hint = (!hint.is_empty()).then_some(hint);
-                    failure.transient =
-                        error.contains("replication stream") || error.contains("connect");
+                    failure.lsn = (error_lsn != 0).then_some(Lsn(error_lsn));
                     return Err(Stop::Failed(failure));
                 }
                 *worker = Some(self.start_apply(index, &databases[index].datname)?);
@@ -699,6 +789,18 @@ impl Runner {
             )
             .map_err(stop_failure)?;
         }
+        let task_id = self.task.id;
+        if let Err(failure) = txn::spi(|| super::cleanup::drop_origins(task_id)) {
+            self.event(
+                None,
+                "warning",
+                &format!(
+                    "could not drop the replication origins cloudmig_{task_id}_*: {failure}; \
+                     drop them with pg_replication_origin_drop()"
+                ),
+            )
+            .map_err(stop_failure)?;
+        }
         let cleanup_ms = millis(cleanup_started);
         let report = Report {
             fence_ms: 0,
@@ -723,8 +825,8 @@ impl Runner {
     /// Compares every copied table's row count (and checksum) between the
     /// source and here. Meaningful once the source is fenced, or when nothing
     /// writes to it; in flight, counts differ by the lag.
-    /// With `fence`, through its sessions and database workers (new
-    /// connections are refused while the source is fenced).
+    /// With `fence`, through its sessions (new connections are refused
+    /// while the source is fenced).
     fn verify(
         &self,
         databases: &[TaskDatabase],

@@ -17,6 +17,7 @@ pub mod incremental;
 pub mod inspect;
 pub mod jobs;
 pub mod launcher;
+pub mod outage;
 pub mod shared;
 pub mod task;
 pub mod txn;

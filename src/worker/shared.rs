@@ -310,9 +310,23 @@ pub struct ApplySlot {
     /// End LSN of the last source transaction with changes committed here
     /// (the switchover checks that none came after its marker).
     pub last_transaction_lsn: u64,
-    /// Why the apply stopped (relation, remote LSN, xid in the message).
+    /// Why the apply stopped (relation, key, remote LSN, xid in the message).
     pub error: FixedText<1024>,
     pub error_hint: FixedText<512>,
+    /// Commit LSN of the source transaction the error happened in (0: none).
+    pub error_lsn: u64,
+    /// The outage the apply rides out (0 attempts: none): retries so far,
+    /// why, and the milliseconds left of its window. The task worker writes
+    /// them to the catalog.
+    pub outage_attempts: u32,
+    pub outage_cause: FixedText<512>,
+    pub outage_ms_left: i64,
+    /// The source transaction (commit LSN) to skip (`cloudmig.skip`), set by
+    /// the task worker before the apply starts; 0: none.
+    pub skip_lsn: u64,
+    /// Set by the apply once that transaction was skipped and the origin
+    /// moved past it.
+    pub skipped_lsn: u64,
 }
 // SAFETY: plain old data, no pointers.
 unsafe impl PGRXSharedMemory for ApplySlot {}

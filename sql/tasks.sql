@@ -4,7 +4,8 @@
 --
 --   created -> roles -> schema -> full_copy -> post_data -> copy_complete
 --     -> catchup -> incremental -> switching_over -> completed
---   any of these --error--> failed (error kept; cancel cleans up)
+--   any of these --error--> failed (error kept, and the phase it failed in;
+--     cloudmig.resume or cloudmig.skip continue from there, cancel cleans up)
 --   switching_over --timeout or error--> incremental (the source is writable again)
 --   any phase but completed/cancelled --cloudmig.cancel--> cancelled
 --
@@ -32,7 +33,22 @@ CREATE TABLE cloudmig.task (
     worker_starts   integer     NOT NULL DEFAULT 0,  -- how often a task worker (re)started it
     last_error      text,
     last_error_hint text,
-    last_error_at   timestamptz
+    last_error_at   timestamptz,
+    -- The phase a failed task stopped in: cloudmig.resume() continues there.
+    failed_in       text,
+    -- Commit LSN (on the source) of the transaction the apply failed on, so
+    -- cloudmig.skip() can be given it.
+    last_error_lsn  pg_lsn,
+    -- The one source transaction (by commit LSN) the apply skips
+    -- (cloudmig.skip); cleared once it was skipped.
+    skip_lsn        pg_lsn,
+    -- The source outage the task is riding out right now (NULL: none): when
+    -- it began, the retries so far, why, and when the task gives up on it
+    -- (each outage gets cloudmig.source_retry_timeout of its own).
+    outage_since    timestamptz,
+    outage_attempts integer NOT NULL DEFAULT 0,
+    outage_cause    text,
+    outage_gives_up_at timestamptz
 );
 COMMENT ON TABLE cloudmig.task IS 'one row per migration started with cloudmig.start()';
 CREATE UNIQUE INDEX task_one_active ON cloudmig.task ((true))

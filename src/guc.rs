@@ -86,8 +86,8 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"cloudmig.source_retry_timeout",
-        c"How long a task retries while its source is unavailable before it fails.",
-        c"Retries back off from 1 to 30 seconds; each is recorded in cloudmig.events.",
+        c"How long a task retries one outage of its source, or transient apply errors, before it fails.",
+        c"Each outage gets this window of its own from its first failure; retries back off from 1 to 30 seconds; each is recorded in cloudmig.events.",
         &SOURCE_RETRY_TIMEOUT,
         0,
         86400,

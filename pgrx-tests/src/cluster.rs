@@ -350,6 +350,22 @@ impl Cluster {
         self.restart_with("immediate");
     }
 
+    /// An outage: `pg_ctl stop -m <mode>` (`fast`, or `immediate` for a crash), `downtime` with
+    /// the server down, then a start on the same port; returns once it accepts connections.
+    pub fn outage(&self, mode: &str, downtime: Duration) {
+        let mut stop = self.pg_ctl("stop");
+        stop.args(["-w", "-t", PG_CTL_TIMEOUT, "-m", mode]);
+        self.run_or_panic(&mut stop, "stop");
+        // The outage itself, not a wait for something: nothing to poll.
+        std::thread::sleep(downtime);
+        let mut start = self.pg_ctl("start");
+        start
+            .args(["-w", "-t", PG_CTL_TIMEOUT])
+            .arg("-l")
+            .arg(&self.log_file);
+        self.run_or_panic(&mut start, "start");
+    }
+
     /// `pg_ctl reload`. Asynchronous like PostgreSQL's own: wait for the effect with
     /// [`crate::poll_until`] (e.g. on `SHOW setting`).
     pub fn reload(&self) {
@@ -369,7 +385,8 @@ impl Cluster {
         log_tail(&self.log_file, lines)
     }
 
-    pub(crate) fn try_client(&self, db: &str) -> Result<Client, postgres::Error> {
+    /// A new connection as superuser `postgres` over the Unix socket, or why not.
+    pub fn try_client(&self, db: &str) -> Result<Client, postgres::Error> {
         postgres::Config::new()
             .host_path(&self.socket_dir)
             .port(self.port)

@@ -68,3 +68,16 @@ pub fn caught_up(source: &Cluster, dest: &Cluster, task: i64) {
         MIGRATION_TIMEOUT,
     );
 }
+
+/// After a completed switchover the migrated source databases refuse connections (the fence
+/// stays); lets connections in again, as a DBA would to read them, through `template1`.
+/// They stay read-only by default.
+pub fn reopen_source(source: &Cluster) {
+    source.execute(
+        "template1",
+        "DO $$ DECLARE d name; BEGIN \
+           FOR d IN SELECT datname FROM pg_database WHERE NOT datallowconn AND datname <> 'template0' LOOP \
+             EXECUTE format('ALTER DATABASE %I ALLOW_CONNECTIONS true', d); \
+           END LOOP; END $$",
+    );
+}

@@ -142,7 +142,11 @@ fn changes_of_every_kind_are_applied_once_and_switchover_completes() {
     // A completed task keeps no source password.
     let secrets: i64 = dest.query_scalar("postgres", "SELECT count(*) FROM cloudmig.source_secret");
     assert_eq!(secrets, 0, "a completed task keeps no password");
-    // The source refuses writes now, and keeps no slot or publication of ours.
+    // The source refuses connections now; let in again, it refuses writes,
+    // and keeps no slot or publication of ours.
+    let connected = source.try_client("app");
+    assert!(connected.is_err(), "the source still accepts connections");
+    migration::reopen_source(&source);
     let refused = source
         .client("app")
         .batch_execute("INSERT INTO items (name) VALUES ('late')");
@@ -303,6 +307,7 @@ fn switchover_is_refused_when_lagging_or_stalled_and_undone_on_failure() {
     client
         .query_one("SELECT downtime_ms FROM cloudmig.switchover($1)", &[&task])
         .unwrap_or_else(|e| panic!("switchover: {e:?}\n{}", events(&dest, task)));
+    migration::reopen_source(&source);
     assert_same_data(&source, &dest, "app");
 }
 
@@ -332,6 +337,7 @@ fn a_switchover_scheduled_with_pg_cron_completes() {
         "completed",
         Duration::from_secs(150),
     );
+    migration::reopen_source(&source);
     assert_same_data(&source, &dest, "app");
 }
 
@@ -362,13 +368,15 @@ fn an_apply_conflict_stops_with_the_relation_and_transaction() {
     let (error, hint): (String, String) = (row.get(0), row.get(1));
     for needle in [
         "public.items",
-        "remote transaction",
+        "key (id)=(5)",
+        "source transaction",
         "committing at",
         "no row",
     ] {
         assert!(error.contains(needle), "{error} lacks {needle}");
     }
     assert!(hint.contains("repair"), "{hint}");
+    assert!(hint.contains(&format!("cloudmig.resume({task})")), "{hint}");
 }
 
 #[test]
@@ -447,6 +455,7 @@ fn pgbench_writing_through_copy_apply_and_switchover_loses_nothing() {
         let _ = load.join();
     }
     let _ = std::fs::remove_file(&script);
+    migration::reopen_source(&source);
     for db in databases {
         assert_same_data(&source, &dest, db);
         assert_same_sequences(&source, &dest, db);

@@ -58,6 +58,20 @@ pub enum ApiError {
     EmptyPassword,
     #[error("the source connection string would be {length} bytes long, more than the {capacity} bytes cloudmig can pass to its workers")]
     ConnInfoTooLong { length: usize, capacity: usize },
+    #[error("task {0} is {1}, not failed: there is nothing to resume")]
+    TaskNotFailed(i64, String),
+    #[error("task {0} failed before cloudmig recorded the phase it failed in")]
+    FailedPhaseUnknown(i64),
+    #[error("replication slot {slot} of task {task} {why} on the source")]
+    SlotUnusable {
+        task: i64,
+        slot: String,
+        why: String,
+    },
+    #[error("invalid LSN {0:?}")]
+    InvalidLsn(String),
+    #[error("the apply of task {task} is already past {lsn}: there is nothing to skip there")]
+    SkipAlreadyApplied { task: i64, lsn: String },
     #[error("catalog access failed: {0}")]
     Catalog(String),
     #[error("{0}")]
@@ -86,6 +100,11 @@ impl ApiError {
             ApiError::SecretGone(_) | ApiError::TaskFinished(..) | ApiError::TaskSecretGone(_) => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
+            ApiError::TaskNotFailed(..)
+            | ApiError::FailedPhaseUnknown(_)
+            | ApiError::SlotUnusable { .. }
+            | ApiError::SkipAlreadyApplied { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            ApiError::InvalidLsn(_) => ERRCODE_INVALID_TEXT_REPRESENTATION,
             ApiError::EmptyPassword => ERRCODE_INVALID_PARAMETER_VALUE,
             ApiError::ConnInfoTooLong { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             ApiError::Catalog(_) => ERRCODE_INTERNAL_ERROR,
@@ -150,6 +169,22 @@ impl ApiError {
             ApiError::TaskFinished(..) => None,
             ApiError::TaskSecretGone(id) => Some(format!(
                 "Cancel it with SELECT cloudmig.cancel({id}); and start anew from a new assessment."
+            )),
+            ApiError::TaskNotFailed(..) => {
+                Some("Only a failed task resumes; see cloudmig.tasks for its phase.".into())
+            }
+            ApiError::FailedPhaseUnknown(id) | ApiError::SlotUnusable { task: id, .. } => {
+                Some(format!(
+                    "It cannot continue: cancel it with SELECT cloudmig.cancel({id}); and start                      anew from a new assessment."
+                ))
+            }
+            ApiError::InvalidLsn(_) => Some(
+                "Give the commit LSN the error named, as in '0/16B3748' (cloudmig.tasks.last_error_lsn)."
+                    .into(),
+            ),
+            ApiError::SkipAlreadyApplied { task, .. } => Some(format!(
+                "Check the LSN in cloudmig.tasks.last_error_lsn; to continue without skipping, \
+                 SELECT cloudmig.resume({task});"
             )),
             ApiError::EmptyPassword => None,
             ApiError::ConnInfoTooLong { .. } => Some(

@@ -23,6 +23,10 @@ REVOKE ALL ON FUNCTION cloudmig.start(bigint, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.start(bigint, jsonb) TO cloudmig_admin;
 REVOKE ALL ON FUNCTION cloudmig.cancel(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.cancel(bigint) TO cloudmig_admin;
+REVOKE ALL ON FUNCTION cloudmig.resume(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cloudmig.resume(bigint) TO cloudmig_admin;
+REVOKE ALL ON FUNCTION cloudmig.skip(bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cloudmig.skip(bigint, text) TO cloudmig_admin;
 REVOKE ALL ON FUNCTION cloudmig.set_source_password(bigint, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cloudmig.set_source_password(bigint, text) TO cloudmig_admin;
 REVOKE ALL ON FUNCTION cloudmig.wait(bigint, text, interval) FROM PUBLIC;
@@ -100,7 +104,9 @@ SELECT k.id AS task_id, k.assessment_id, k.source, k.phase, k.phase_since,
        END AS eta,
        k.created_at, coalesce(k.finished_at, pg_catalog.clock_timestamp()) - k.created_at AS elapsed,
        a.lag_bytes, a.lag_seconds, a.transactions_applied,
-       k.last_error, k.last_error_hint, k.last_error_at, k.worker_starts
+       k.last_error, k.last_error_hint, k.last_error_at, k.worker_starts,
+       k.failed_in, k.last_error_lsn, k.skip_lsn,
+       k.outage_since, k.outage_attempts, k.outage_cause, k.outage_gives_up_at
   FROM cloudmig.task k
   LEFT JOIN per_table p ON p.task_id = k.id
   LEFT JOIN per_database d ON d.task_id = k.id

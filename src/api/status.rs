@@ -1,7 +1,8 @@
 //! `cloudmig.status()`, behind the `cloudmig.instance_status` view: what this
 //! instance is doing right now, as the managed service shows it: `idle`,
 //! `assessing`, `migrating` (a task copies or applies), or `failed` (a task
-//! stopped on an error and waits for `cloudmig.cancel()`).
+//! stopped on an error and waits for `cloudmig.resume()`, `cloudmig.skip()` or
+//! `cloudmig.cancel()`).
 
 use crate::worker::shared;
 use pgrx::prelude::*;

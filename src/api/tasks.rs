@@ -6,7 +6,7 @@ use super::secrecy::hide_statement_text;
 use crate::assess::source_facts::SourceDatabaseName;
 use crate::catalog::tasks::{self, Phase};
 use crate::catalog::{as_extension_owner, secrets};
-use crate::source::{ConnInfo, ConnectOptions, Connection};
+use crate::source::{quote_literal, ConnInfo, ConnectOptions, Connection, Lsn};
 use crate::worker::cleanup;
 use crate::worker::shared::{self, JobKind, JobState, JOBS, TASK};
 use pgrx::prelude::*;
@@ -268,6 +268,8 @@ fn cancel(task: i64) {
                 &format!("{problem}; drop it on the source by hand"),
             )?;
         }
+        // The workers are gone: nothing uses the task's origins any more.
+        cleanup::drop_origins(task)?;
         tasks::set_phase(
             task,
             Phase::Cancelled,
@@ -282,6 +284,136 @@ fn cancel(task: i64) {
     for problem in problems {
         pgrx::warning!("cloudmig: {problem}");
     }
+}
+
+/// Continues a failed task from what is recorded, once the cause of its
+/// failure is fixed: copied tables stay, the slots on the source still hold
+/// the changes since the copy, the apply continues from its replication
+/// origins. Returns at once; the task's worker starts when this commits.
+#[pg_extern(volatile, parallel_unsafe)]
+fn resume(task: i64) {
+    let phase = resumable_phase(task);
+    check_slots(task);
+    continue_task(task, phase, "resumed by cloudmig.resume()");
+}
+
+/// Skips one source transaction, named by its commit LSN (the LSN a failed
+/// apply's error names, `cloudmig.tasks.last_error_lsn`), as PostgreSQL's
+/// `ALTER SUBSCRIPTION ... SKIP (lsn = ...)` does, and resumes the failed
+/// task. The transaction's changes will be missing here; an event says so.
+#[pg_extern(volatile, parallel_unsafe)]
+fn skip(task: i64, lsn: &str) {
+    let Some(parsed) = lsn.trim().parse::<Lsn>().ok().filter(|lsn| lsn.is_valid()) else {
+        ApiError::InvalidLsn(lsn.to_string()).raise()
+    };
+    let phase = resumable_phase(task);
+    check_slots(task);
+    let lsn = parsed.to_string();
+    // As ALTER SUBSCRIPTION ... SKIP refuses an LSN its origin is past: a
+    // transaction every database applied already cannot be skipped.
+    let passed = as_extension_owner(|| {
+        crate::catalog::first_value::<bool>(
+            "SELECT pg_catalog.bool_and(remote_lsn >= $2::pg_lsn) \
+               FROM pg_catalog.pg_replication_origin_status WHERE external_id LIKE $1",
+            &[format!("cloudmig\\_{task}\\_%").into(), lsn.as_str().into()],
+        )
+    })
+    .map_err(|e| ApiError::Catalog(e.to_string()))
+    .or_raise()
+    .unwrap_or(false);
+    if passed {
+        ApiError::SkipAlreadyApplied { task, lsn }.raise();
+    }
+    as_extension_owner(|| {
+        tasks::set_skip_lsn(task, Some(&lsn))?;
+        tasks::add_event(
+            task,
+            None,
+            "warning",
+            &format!(
+                "cloudmig.skip(): the source transaction committing at {lsn} will be skipped; \
+                 its changes will be missing here"
+            ),
+        )
+    })
+    .map_err(|e| ApiError::Catalog(e.to_string()))
+    .or_raise();
+    continue_task(task, phase, "resumed by cloudmig.skip()");
+}
+
+/// The phase a failed task continues in; raises when it is not failed.
+fn resumable_phase(task: i64) -> Phase {
+    let (phase, failed_in) = tasks::failure_of(task)
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise()
+        .unwrap_or_else(|| ApiError::UnknownTask(task).raise());
+    if phase != Phase::Failed {
+        ApiError::TaskNotFailed(task, phase.to_string()).raise();
+    }
+    failed_in.unwrap_or_else(|| ApiError::FailedPhaseUnknown(task).raise())
+}
+
+/// Refuses to resume a task whose replication slots on the source are gone
+/// or invalidated: the changes since its copy would be lost, and a new slot
+/// would silently miss them.
+fn check_slots(task: i64) {
+    let conninfo = as_extension_owner(|| secrets::of_task(task))
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise()
+        .unwrap_or_else(|| ApiError::TaskSecretGone(task).raise());
+    let info = ConnInfo::parse(&conninfo).or_raise();
+    // A database still `pending` has no slot yet: its copy starts anew.
+    let expected: Vec<String> = tasks::databases(task)
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise()
+        .into_iter()
+        .filter(|d| d.state != "pending")
+        .map(|d| d.slot_name)
+        .collect();
+    if expected.is_empty() {
+        return;
+    }
+    let mut options = ConnectOptions::new();
+    options.interrupt_check = Some(Box::new(check_for_interrupts));
+    options.io_timeout = crate::guc::source_timeout();
+    let mut connection = Connection::connect(&info, options).or_raise();
+    let rows = connection
+        .simple_query(&format!(
+            "SELECT slot_name::text AS slot_name, coalesce(wal_status, '') AS wal_status \
+               FROM pg_catalog.pg_replication_slots WHERE slot_name LIKE {}",
+            quote_literal(&format!("cloudmig\\_{task}\\_%"))
+        ))
+        .or_raise();
+    connection.close();
+    for slot in expected {
+        let found = rows
+            .iter()
+            .find(|row| row.get("slot_name") == Some(slot.as_str()));
+        let why = match found.and_then(|row| row.get("wal_status")) {
+            None => "no longer exists",
+            Some("lost") => {
+                "was invalidated (max_slot_wal_keep_size): the source removed WAL the task \
+                 still needed"
+            }
+            Some(_) => continue,
+        };
+        ApiError::SlotUnusable {
+            task,
+            slot,
+            why: why.to_string(),
+        }
+        .raise();
+    }
+}
+
+/// Puts a failed task back into `phase`; the launcher starts its worker once
+/// this transaction commits.
+fn continue_task(task: i64, phase: Phase, message: &str) {
+    as_extension_owner(|| tasks::resume(task, phase, message))
+        .map_err(|e| ApiError::Catalog(e.to_string()))
+        .or_raise();
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, shared::wake_launcher);
+    pgrx::notice!("task {task} continues in {phase}; follow it in cloudmig.tasks");
 }
 
 /// Replaces the source password of a task that is not finished, e.g. after

@@ -201,6 +201,11 @@ impl Applier {
             .is_some_and(|sync| commit_lsn < sync)
     }
 
+    /// The columns the source announced for a relation, for error context.
+    pub fn columns(&self, oid: u32) -> Option<&[Column]> {
+        self.relations.get(&oid).map(|r| r.columns.as_slice())
+    }
+
     /// The table name of a relation, for error context.
     pub fn relation_name(&self, oid: u32) -> Option<String> {
         self.relations.get(&oid).map(Relation::display_name)

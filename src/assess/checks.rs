@@ -217,7 +217,31 @@ fn destination_checks(
         destination_preload(dest),
         destination_worker_capacity(dest, source, limits),
         destination_replication_origins(dest, source),
+        databases_per_task(source),
     ]
+}
+
+/// A task streams each source database with an apply worker of its own, in
+/// one of a fixed number of shared-memory slots: more databases than that
+/// would be refused only at catch-up, after the whole copy.
+fn databases_per_task(source: Option<&SourceFacts>) -> CheckResult {
+    let name = "databases_per_task";
+    let databases = source.map(|s| s.databases.len()).unwrap_or(1);
+    let limit = crate::worker::shared::MAX_JOB_SLOTS;
+    let detail =
+        format!("{databases} database(s) to migrate; a task streams at most {limit} at once");
+    if databases > limit {
+        CheckResult::fail(
+            name,
+            detail,
+            format!(
+                "migrate them in several tasks of at most {limit} databases each: \
+                 cloudmig.start(<assessment>, '{{\"databases\": [...]}}'), one after the other"
+            ),
+        )
+    } else {
+        CheckResult::pass(name, detail)
+    }
 }
 
 fn destination_is_primary(dest: &DestinationFacts) -> CheckResult {
@@ -1493,6 +1517,20 @@ mod tests {
         let c = check(&report, "destination_is_empty");
         assert_eq!(c.status, Fail);
         assert!(c.detail.contains("template1") && c.detail.contains("public.t"));
+    }
+
+    #[test]
+    fn more_databases_than_apply_slots_fail_before_the_copy() {
+        let report = judge(healthy_source(), &empty_destination());
+        assert_eq!(check(&report, "databases_per_task").status, Pass);
+        let mut source = healthy_source();
+        source.databases = (0..=crate::worker::shared::MAX_JOB_SLOTS)
+            .map(|i| database(&format!("db{i}")))
+            .collect();
+        let report = judge(source, &empty_destination());
+        let verdict = check(&report, "databases_per_task");
+        assert_eq!(verdict.status, Fail);
+        assert!(verdict.fix.as_deref().unwrap_or("").contains("databases"));
     }
 
     #[test]

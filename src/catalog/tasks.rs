@@ -232,26 +232,110 @@ pub fn set_phase(task_id: i64, phase: Phase, message: &str) -> SpiResult<()> {
     add_event(task_id, None, "phase", &text)
 }
 
-/// Records a failure: phase failed, the error and its hint, an error event.
-pub fn fail(task_id: i64, error: &str, hint: Option<&str>) -> SpiResult<()> {
+/// Records a failure: phase failed, the error and its hint, the phase it
+/// failed in (where `cloudmig.resume` continues), the commit LSN of the
+/// source transaction the apply failed on (for `cloudmig.skip`), an error event.
+pub fn fail(task_id: i64, error: &str, hint: Option<&str>, lsn: Option<&str>) -> SpiResult<()> {
     Spi::run_with_args(
         "UPDATE cloudmig.task SET last_error = $2, last_error_hint = $3, \
-                last_error_at = pg_catalog.clock_timestamp() WHERE id = $1",
-        &[task_id.into(), error.into(), hint.into()],
+                last_error_at = pg_catalog.clock_timestamp(), last_error_lsn = $4::pg_lsn, \
+                failed_in = CASE WHEN phase = 'failed' THEN failed_in ELSE phase END, \
+                outage_since = NULL, outage_attempts = 0, outage_cause = NULL, \
+                outage_gives_up_at = NULL \
+          WHERE id = $1",
+        &[task_id.into(), error.into(), hint.into(), lsn.into()],
     )?;
     add_event(task_id, None, "error", error)?;
     set_phase(task_id, Phase::Failed, "")
 }
 
-/// Records an error the task survives (it retries): shown in cloudmig.tasks
-/// and logged as a warning event.
-pub fn note_error(task_id: i64, error: &str, hint: Option<&str>) -> SpiResult<()> {
+/// Where a failed task continues, and whether it is failed at all:
+/// (phase now, phase it failed in).
+pub fn failure_of(task_id: i64) -> SpiResult<Option<(Phase, Option<Phase>)>> {
+    Spi::connect(|client| {
+        let mut rows = client.select(
+            "SELECT phase, failed_in FROM cloudmig.task WHERE id = $1",
+            None,
+            &[task_id.into()],
+        )?;
+        let Some(row) = rows.next() else {
+            return Ok(None);
+        };
+        let phase = row.get::<String>(1)?.unwrap_or_default();
+        let failed_in = row.get::<String>(2)?;
+        Ok(Some((
+            Phase::parse(&phase).unwrap_or(Phase::Failed),
+            failed_in.as_deref().and_then(Phase::parse),
+        )))
+    })
+}
+
+/// Puts a failed task back into the phase it failed in (`cloudmig.resume`);
+/// the launcher starts its worker. A switchover that failed continues as
+/// `switching_over`, which the worker turns back into `incremental` after
+/// making the source writable again.
+pub fn resume(task_id: i64, phase: Phase, message: &str) -> SpiResult<()> {
     Spi::run_with_args(
-        "UPDATE cloudmig.task SET last_error = $2, last_error_hint = $3, \
-                last_error_at = pg_catalog.clock_timestamp() WHERE id = $1",
-        &[task_id.into(), error.into(), hint.into()],
+        "UPDATE cloudmig.task SET failed_in = NULL WHERE id = $1",
+        &[task_id.into()],
     )?;
-    add_event(task_id, None, "warning", error)
+    set_phase(task_id, phase, message)
+}
+
+/// Records the source transaction (by commit LSN) the apply must skip.
+pub fn set_skip_lsn(task_id: i64, lsn: Option<&str>) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.task SET skip_lsn = $2::pg_lsn WHERE id = $1",
+        &[task_id.into(), lsn.into()],
+    )
+}
+
+/// The skip LSN of a task, as text ("0/0" for none).
+pub fn skip_lsn(task_id: i64) -> SpiResult<Option<String>> {
+    super::first_value::<String>(
+        "SELECT skip_lsn::text FROM cloudmig.task WHERE id = $1 AND skip_lsn IS NOT NULL",
+        &[task_id.into()],
+    )
+}
+
+/// The outage a task rides out: shown in `cloudmig.tasks` (the event's text
+/// as its last error too), and a warning event per attempt.
+pub fn note_outage(
+    task_id: i64,
+    datname: Option<&str>,
+    cause: &str,
+    attempts: i32,
+    seconds_left: f64,
+    event: &str,
+) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.task SET \
+                outage_since = coalesce(outage_since, pg_catalog.clock_timestamp()), \
+                outage_attempts = $3, outage_cause = $2, \
+                outage_gives_up_at = pg_catalog.clock_timestamp() \
+                                     + pg_catalog.make_interval(secs => $4), \
+                last_error = $5, last_error_hint = NULL, \
+                last_error_at = pg_catalog.clock_timestamp() \
+          WHERE id = $1",
+        &[
+            task_id.into(),
+            cause.into(),
+            attempts.into(),
+            seconds_left.into(),
+            event.into(),
+        ],
+    )?;
+    add_event(task_id, datname, "warning", event)
+}
+
+/// Ends the outage shown for a task (the source is back), with an event.
+pub fn outage_over(task_id: i64, datname: Option<&str>, event: &str) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.task SET outage_since = NULL, outage_attempts = 0, \
+                outage_cause = NULL, outage_gives_up_at = NULL WHERE id = $1",
+        &[task_id.into()],
+    )?;
+    add_event(task_id, datname, "info", event)
 }
 
 /// Appends an event.

@@ -1,6 +1,7 @@
 //! What is not table rows: sequences, large objects, materialized views.
-//! Each reads the source through a connection already inside the copy's
-//! snapshot and writes here through SPI, in the caller's transaction.
+//! Each is read on the source (through a connection inside the copy's
+//! snapshot, or the switchover's fenced session) as a [`SourceObject`] and
+//! recreated here through SPI, in the caller's transaction.
 
 use super::SOURCE_SEQUENCES_SQL;
 use crate::schema::execute::run_utf8;
@@ -13,14 +14,44 @@ pub enum ObjectsError {
     Source(#[from] SourceError),
     #[error("{0}")]
     Local(#[from] pgrx::spi::Error),
+    #[error("unexpected value from the source: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    File(String),
 }
 
 /// Sequences read per query (one UNION ALL of this many sequences).
 const SEQUENCES_PER_QUERY: usize = 500;
 
-/// Sets every sequence here to its state at the snapshot (`last_value` and
-/// `is_called`, as `setval` takes them); returns how many.
-pub fn copy_sequences(source: &mut Connection) -> Result<usize, ObjectsError> {
+/// One object read on the source, to be recreated here. The switchover reads
+/// them through the sessions it opened before its fence (which refuses new
+/// ones) and hands them to a database worker as JSON lines.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceObject {
+    /// A sequence's state, as `setval` takes it (`name` quoted and qualified).
+    Sequence {
+        name: String,
+        last_value: String,
+        is_called: bool,
+    },
+    /// A large object; `data` as bytea text.
+    LargeObject {
+        oid: String,
+        owner: Option<String>,
+        acl: String,
+        comment: Option<String>,
+        data: String,
+    },
+    /// A materialized view populated on the source.
+    MaterializedView { schema: String, name: String },
+}
+
+/// Reads every sequence's state, calling `each` per sequence.
+pub fn read_sequences(
+    source: &mut Connection,
+    each: &mut dyn FnMut(SourceObject) -> Result<(), ObjectsError>,
+) -> Result<usize, ObjectsError> {
     let names: Vec<String> = source
         .simple_query(SOURCE_SEQUENCES_SQL)?
         .iter()
@@ -38,21 +69,22 @@ pub fn copy_sequences(source: &mut Connection) -> Result<usize, ObjectsError> {
             .collect::<Vec<_>>()
             .join(" UNION ALL ");
         for row in source.simple_query(&query)? {
-            let name = row.try_get("name")?.unwrap_or_default();
-            let value = row.try_get("last_value")?.unwrap_or("1");
-            let is_called = row.get("is_called") == Some("true");
-            run_utf8(&format!(
-                "SELECT pg_catalog.setval({}::regclass, {}::bigint, {is_called})",
-                quote_literal(name),
-                quote_literal(value)
-            ))?;
+            each(SourceObject::Sequence {
+                name: row.try_get("name")?.unwrap_or_default().to_string(),
+                last_value: row.try_get("last_value")?.unwrap_or("1").to_string(),
+                is_called: row.get("is_called") == Some("true"),
+            })?;
         }
     }
     Ok(names.len())
 }
 
-/// Copies every large object with its owner and privileges; returns how many.
-pub fn copy_large_objects(source: &mut Connection) -> Result<usize, ObjectsError> {
+/// Reads every large object with its owner, privileges and comment, one at
+/// a time, calling `each` per object.
+pub fn read_large_objects(
+    source: &mut Connection,
+    each: &mut dyn FnMut(SourceObject) -> Result<(), ObjectsError>,
+) -> Result<usize, ObjectsError> {
     let objects = source.simple_query(
         "SELECT m.oid::text AS oid, pg_catalog.pg_get_userbyid(m.lomowner) AS owner, \
                 m.lomacl::text AS acl, \
@@ -70,33 +102,119 @@ pub fn copy_large_objects(source: &mut Connection) -> Result<usize, ObjectsError
             .next()
             .and_then(|row| row.get("data").map(str::to_string))
             .unwrap_or_default();
-        // Idempotent: a resumed task may have copied it before.
-        run_utf8(&format!(
-            "SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = {}::oid",
-            quote_literal(&oid)
-        ))?;
-        run_utf8(&format!(
-            "SELECT pg_catalog.lo_from_bytea({}::oid, {}::bytea)",
-            quote_literal(&oid),
-            quote_literal(&data)
-        ))?;
-        if let Some(owner) = object.get("owner") {
-            run_utf8(&format!(
-                "ALTER LARGE OBJECT {oid} OWNER TO {}",
-                crate::source::quote_ident(owner)
-            ))?;
-        }
-        for grant in large_object_grants(&oid, object.get("acl").unwrap_or("")) {
-            run_utf8(&grant)?;
-        }
-        if let Some(comment) = object.get("comment") {
-            run_utf8(&format!(
-                "COMMENT ON LARGE OBJECT {oid} IS {}",
-                quote_literal(comment)
-            ))?;
-        }
+        each(SourceObject::LargeObject {
+            oid,
+            owner: object.get("owner").map(str::to_string),
+            acl: object.get("acl").unwrap_or("").to_string(),
+            comment: object.get("comment").map(str::to_string),
+            data,
+        })?;
     }
     Ok(objects.len())
+}
+
+/// Reads the materialized views that are populated on the source.
+pub fn read_materialized_views(
+    source: &mut Connection,
+    each: &mut dyn FnMut(SourceObject) -> Result<(), ObjectsError>,
+) -> Result<usize, ObjectsError> {
+    let views = source.simple_query(
+        "SELECT schemaname::text AS schema, matviewname::text AS name \
+           FROM pg_catalog.pg_matviews WHERE ispopulated ORDER BY 1, 2",
+    )?;
+    for view in &views {
+        each(SourceObject::MaterializedView {
+            schema: view.try_get("schema")?.unwrap_or_default().to_string(),
+            name: view.try_get("name")?.unwrap_or_default().to_string(),
+        })?;
+    }
+    Ok(views.len())
+}
+
+/// Recreates one object here, through SPI in the caller's transaction.
+/// `caller` started the task: see [`refresh_materialized_views`].
+pub fn apply(object: &SourceObject, caller: pgrx::pg_sys::Oid) -> Result<(), ObjectsError> {
+    match object {
+        SourceObject::Sequence {
+            name,
+            last_value,
+            is_called,
+        } => run_utf8(&format!(
+            "SELECT pg_catalog.setval({}::regclass, {}::bigint, {is_called})",
+            quote_literal(name),
+            quote_literal(last_value)
+        ))?,
+        SourceObject::LargeObject {
+            oid,
+            owner,
+            acl,
+            comment,
+            data,
+        } => {
+            // The oid goes into statements unquoted: it must be a number.
+            let oid: u32 = oid
+                .parse()
+                .map_err(|_| ObjectsError::Invalid(format!("large object oid {oid:?}")))?;
+            let oid_literal = quote_literal(&oid.to_string());
+            // Idempotent: a resumed task may have copied it before.
+            run_utf8(&format!(
+                "SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = {oid_literal}::oid"
+            ))?;
+            run_utf8(&format!(
+                "SELECT pg_catalog.lo_from_bytea({oid_literal}::oid, {}::bytea)",
+                quote_literal(data)
+            ))?;
+            if let Some(owner) = owner {
+                run_utf8(&format!(
+                    "ALTER LARGE OBJECT {oid} OWNER TO {}",
+                    crate::source::quote_ident(owner)
+                ))?;
+            }
+            for grant in large_object_grants(&oid.to_string(), acl) {
+                run_utf8(&grant)?;
+            }
+            if let Some(comment) = comment {
+                run_utf8(&format!(
+                    "COMMENT ON LARGE OBJECT {oid} IS {}",
+                    quote_literal(comment)
+                ))?;
+            }
+        }
+        // Quoted here: a name is text from the source, never SQL. PostgreSQL
+        // runs the view's query as the owner already (matview.c); the session
+        // user is the owner too, so nothing in it sees the superuser driving it.
+        SourceObject::MaterializedView { schema, name } => {
+            let qualified = format!(
+                "{}.{}",
+                crate::source::quote_ident(schema),
+                crate::source::quote_ident(name)
+            );
+            let owner = pgrx::Spi::get_one_with_args::<pgrx::pg_sys::Oid>(
+                "SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1::pg_catalog.regclass",
+                &[qualified.as_str().into()],
+            )?
+            .unwrap_or(caller);
+            crate::schema::execute::as_owner_for(owner, caller, || {
+                run_utf8(&format!("REFRESH MATERIALIZED VIEW {qualified}"))
+            })?
+        }
+    }
+    Ok(())
+}
+
+/// Sets every sequence here to its state on the source session (`last_value`
+/// and `is_called`, as `setval` takes them); returns how many.
+pub fn copy_sequences(source: &mut Connection) -> Result<usize, ObjectsError> {
+    read_sequences(source, &mut |object| {
+        apply(&object, pgrx::pg_sys::InvalidOid)
+    })
+}
+
+/// Copies every large object with its owner and privileges; returns how many.
+pub fn copy_large_objects(source: &mut Connection) -> Result<usize, ObjectsError> {
+    read_large_objects(source, &mut |object| {
+        apply(&object, pgrx::pg_sys::InvalidOid)
+    })
 }
 
 /// GRANT statements recreating a large object's ACL (`{grantee=rw/grantor,...}`).
@@ -147,31 +265,13 @@ fn split_acl_items(text: &str) -> Vec<String> {
 }
 
 /// Refreshes here every materialized view that is populated on the source.
-/// Refreshes every materialized view populated at the snapshot, each as
-/// its owner here (or as `caller`, who started the task, when that owner is
-/// a superuser and the caller is not: see `schema::execute`). PostgreSQL
-/// runs the view's query as the owner already (matview.c); the session user
-/// is the owner too, so nothing in it sees the superuser driving the copy.
+/// Each as its owner here (or as `caller`, who started the task, when that
+/// owner is a superuser and the caller is not: see `schema::execute`).
 pub fn refresh_materialized_views(
     source: &mut Connection,
     caller: pgrx::pg_sys::Oid,
 ) -> Result<usize, ObjectsError> {
-    let views = source.simple_query(
-        "SELECT pg_catalog.format('%I.%I', schemaname, matviewname) AS name \
-           FROM pg_catalog.pg_matviews WHERE ispopulated ORDER BY 1",
-    )?;
-    for view in &views {
-        let name = view.try_get("name")?.unwrap_or_default();
-        let owner = pgrx::Spi::get_one_with_args::<pgrx::pg_sys::Oid>(
-            "SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1::pg_catalog.regclass",
-            &[name.into()],
-        )?
-        .unwrap_or(caller);
-        crate::schema::execute::as_owner_for(owner, caller, || {
-            run_utf8(&format!("REFRESH MATERIALIZED VIEW {name}"))
-        })?;
-    }
-    Ok(views.len())
+    read_materialized_views(source, &mut |object| apply(&object, caller))
 }
 
 #[cfg(test)]

@@ -11,14 +11,26 @@
 //!   commit LSNs mapped to the source's, checked against the local WAL flush
 //!   position), and, when idle, the end of the source's WAL, so the slot
 //!   releases WAL even for a database nobody writes to;
-//! * an error stops this database's apply; its relation, remote LSN and xid
-//!   go to shared memory, where the task worker picks them up.
+//! * a lost stream (network, source restart or failover, walsender killed)
+//!   and a transient local error (deadlock, serialization failure, lock or
+//!   statement timeout, full disk, out of memory) abort the local batch and
+//!   stream again from the origin after a backoff, each such outage within
+//!   `cloudmig.source_retry_timeout` of its own (see [`super::outage`]); the
+//!   retries are in shared memory, where the task worker turns them into
+//!   events;
+//! * any other error stops this database's apply; its relation, key, the
+//!   source transaction's commit LSN and what to do go to shared memory,
+//!   where the task worker picks them up and fails the task;
+//! * one source transaction, named by its commit LSN (`cloudmig.skip`), is
+//!   skipped as worker.c's `maybe_start_skipping_changes` does: its changes
+//!   are ignored, its commit advances the origin.
 
+use super::outage::Outage;
 use super::shared::{ApplySlot, APPLY, TASK};
 use super::txn::{self, Failure};
 use crate::apply::applier::{Applier, ApplyError};
 use crate::apply::spi;
-use crate::source::pgoutput::{Decoder, Message};
+use crate::source::pgoutput::{Decoder, Message, Tuple, Value};
 use crate::source::{
     ConnInfo, ConnectOptions, Connection, Lsn, PgOutputOptions, ReplicationMessage,
 };
@@ -110,8 +122,13 @@ fn update_slot(index: usize, change: impl FnOnce(&mut ApplySlot)) {
 pub extern "C-unwind" fn cloudmig_apply_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let index = arg.value();
-    let (task_id, database, start_lsn) = match APPLY.share().get(index) {
-        Some(slot) => (slot.task_id, slot.database.get(), slot.start_lsn),
+    let (task_id, database, start_lsn, skip_lsn) = match APPLY.share().get(index) {
+        Some(slot) => (
+            slot.task_id,
+            slot.database.get(),
+            slot.start_lsn,
+            slot.skip_lsn,
+        ),
         None => return,
     };
     txn::serve_task(task_id);
@@ -122,14 +139,23 @@ pub extern "C-unwind" fn cloudmig_apply_main(arg: pg_sys::Datum) {
         slot.worker_pid = my_pid;
         slot.error.set("");
         slot.error_hint.set("");
+        slot.error_lsn = 0;
+        slot.outage_attempts = 0;
     });
     let start = read_start_file(task_id, index);
-    if let Err(failure) = run(index, &database, Lsn(start_lsn), start) {
+    let from = Start {
+        task_id,
+        slot_start: Lsn(start_lsn),
+        skip_lsn: Lsn(skip_lsn),
+    };
+    if let Err(failure) = run(index, &database, from, start) {
         if !txn::shutdown_requested() {
             pgrx::log!("cloudmig: apply of {database} stopped: {failure}");
             update_slot(index, |slot| {
                 slot.error.set(&failure.message);
                 slot.error_hint.set(failure.hint.as_deref().unwrap_or(""));
+                slot.error_lsn = failure.lsn.map_or(0, |lsn| lsn.0);
+                slot.outage_attempts = 0;
             });
             super::shared::wake(TASK.share().worker_pid);
         }
@@ -186,15 +212,71 @@ fn caught(error: CaughtError) -> Failure {
         CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => report,
         CaughtError::RustPanic { ereport, .. } => ereport,
     };
-    let mut failure = Failure::new(report.message().to_string());
+    let mut failure = Failure::new(match report.detail() {
+        Some(detail) => format!("{}: {}", report.message(), cap(detail, KEY_TEXT_LIMIT)),
+        None => report.message().to_string(),
+    });
     failure.hint = report.hint().map(str::to_string);
+    failure.sqlstate = Some(report.sql_error_code());
     failure
+}
+
+/// The most characters of row data (a key, an error's detail) an error
+/// message carries: enough to find the row, never a whole document.
+const KEY_TEXT_LIMIT: usize = 200;
+
+fn cap(text: &str, limit: usize) -> String {
+    match text.char_indices().nth(limit) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+/// The row a change names, as PostgreSQL shows a key: `(id)=(42)`, from the
+/// replica identity columns (every column under REPLICA IDENTITY FULL).
+fn key_of(applier: &Applier, message: &Message) -> Option<String> {
+    let (relation, tuple): (u32, &Tuple) = match message {
+        Message::Insert { relation, new, .. } => (*relation, new),
+        Message::Update {
+            relation,
+            old,
+            key,
+            new,
+            ..
+        } => (*relation, key.as_ref().or(old.as_ref()).unwrap_or(new)),
+        Message::Delete {
+            relation, old, key, ..
+        } => (*relation, key.as_ref().or(old.as_ref())?),
+        _ => return None,
+    };
+    let columns = applier.columns(relation)?;
+    let has_key = columns.iter().any(|c| c.is_key);
+    let (names, values): (Vec<&str>, Vec<String>) = columns
+        .iter()
+        .zip(&tuple.0)
+        .filter(|(column, _)| column.is_key || !has_key)
+        .map(|(column, value)| {
+            let shown = match value {
+                Value::Null => "null".to_string(),
+                Value::UnchangedToast => "(unchanged)".to_string(),
+                Value::Text(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                Value::Binary(_) => "(binary)".to_string(),
+            };
+            (column.name.as_str(), shown)
+        })
+        .unzip();
+    Some(cap(
+        &format!("({})=({})", names.join(", "), values.join(", ")),
+        KEY_TEXT_LIMIT,
+    ))
 }
 
 /// The source transaction being applied.
 struct OpenTransaction {
     xid: u32,
     final_lsn: Lsn,
+    /// `cloudmig.skip` named it: its changes are ignored.
+    skipping: bool,
 }
 
 /// The local transaction: opened at the first Begin of a batch, committed
@@ -209,6 +291,8 @@ struct Batch {
     end_lsn: Lsn,
     commit_time: i64,
     started: Instant,
+    /// The skipped source transaction whose commit this batch carries.
+    skipped: Option<Lsn>,
 }
 
 /// The most source transactions one local commit carries.
@@ -229,6 +313,8 @@ struct State {
     /// (local commit end, remote end) of commits not yet known flushed here.
     pending: VecDeque<(u64, Lsn)>,
     applied: Lsn,
+    /// The source transaction to skip (`cloudmig.skip`); INVALID: none.
+    skip_lsn: Lsn,
 }
 
 impl State {
@@ -255,9 +341,17 @@ impl State {
             pg_sys::pgstat_report_stat(false);
         }
         self.applied = self.applied.max(batch.end_lsn);
+        if let Some(skipped) = batch.skipped {
+            pgrx::log!("cloudmig: skipped the source transaction committing at {skipped}");
+            self.skip_lsn = Lsn::INVALID;
+        }
         update_slot(index, |slot| {
             slot.last_commit_time = batch.commit_time;
             slot.transactions += batch.transactions;
+            slot.last_transaction_lsn = slot.last_transaction_lsn.max(batch.end_lsn.0);
+            if let Some(skipped) = batch.skipped {
+                slot.skipped_lsn = skipped.0;
+            }
         });
     }
 
@@ -273,10 +367,42 @@ impl State {
     }
 }
 
+/// What the task worker handed this apply worker in its slot.
+struct Start {
+    task_id: i64,
+    /// Where streaming starts when the origin has no progress yet.
+    slot_start: Lsn,
+    /// The source transaction to skip (`cloudmig.skip`), or INVALID.
+    skip_lsn: Lsn,
+}
+
+/// Why one streaming session ended without an error that stops the apply.
+enum Interruption {
+    /// The stream was lost (network, source restart, walsender gone): it
+    /// ends once messages flow again.
+    Stream(Failure),
+    /// A local error that goes away when tried again: the outage ends once
+    /// a batch commits.
+    Local(Failure),
+}
+
+/// The outage this apply rides out, and what ends it.
+struct CurrentOutage {
+    outage: Outage,
+    /// Ended by a message from the source (stream) or a local commit (local).
+    stream: bool,
+}
+
+fn clear_outage(index: usize, current: &mut Option<CurrentOutage>) {
+    if current.take().is_some() {
+        update_slot(index, |slot| slot.outage_attempts = 0);
+    }
+}
+
 fn run(
     index: usize,
     database: &str,
-    slot_start: Lsn,
+    handed: Start,
     start: Option<ApplyStart>,
 ) -> Result<(), Failure> {
     let start = start.ok_or_else(|| Failure::new("apply worker started without its parameters"))?;
@@ -290,40 +416,142 @@ fn run(
         result.map(|_| ()).map_err(|e| Failure::new(e.to_string()))
     })?;
     let origin_progress = setup_origin(&start.origin_name)?;
-    let from = if origin_progress.0 != 0 {
+    let first = if origin_progress.0 != 0 {
         origin_progress
     } else {
-        slot_start
+        handed.slot_start
     };
+    update_slot(index, |slot| {
+        slot.applied_lsn = slot.applied_lsn.max(first.0);
+        slot.received_lsn = slot.received_lsn.max(first.0);
+    });
+    let mut applier = Applier::new(sync_lsns);
+    let mut state = State {
+        open: None,
+        batch: None,
+        pending: VecDeque::new(),
+        applied: first,
+        skip_lsn: handed.skip_lsn,
+    };
+    let mut outage: Option<CurrentOutage> = None;
+    loop {
+        // Each session streams from what the origin says was committed here.
+        let progress = txn::run(|| {
+            // SAFETY: the session's origin was set up above.
+            Ok(Lsn(unsafe {
+                pg_sys::replorigin_session_get_progress(false)
+            }))
+        })?;
+        let from = if progress.0 != 0 {
+            progress
+        } else {
+            handed.slot_start
+        };
+        let interruption = match stream_session(
+            index,
+            database,
+            &start,
+            handed.task_id,
+            from,
+            &mut applier,
+            &mut state,
+            &mut outage,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(SessionEnd::Stop(failure)) => {
+                state.abort(&mut applier);
+                return Err(failure);
+            }
+            Err(SessionEnd::Retry(interruption)) => interruption,
+        };
+        state.abort(&mut applier);
+        let (failure, stream) = match interruption {
+            Interruption::Stream(failure) => (failure, true),
+            Interruption::Local(failure) => (failure, false),
+        };
+        let current = outage.get_or_insert_with(|| CurrentOutage {
+            outage: Outage::begin(),
+            stream,
+        });
+        let Some(wait) = current.outage.next_attempt() else {
+            let mut failure = failure;
+            failure.message = format!("{} ({})", failure.message, current.outage.gave_up());
+            return Err(failure);
+        };
+        let (attempts, left) = (
+            current.outage.attempts,
+            (current.outage.seconds_left() * 1000.0) as i64,
+        );
+        pgrx::log!(
+            "cloudmig: apply of {database}: {failure}; retrying in {}s (attempt {attempts})",
+            wait.as_secs()
+        );
+        update_slot(index, |slot| {
+            slot.outage_attempts = attempts;
+            slot.outage_cause.set(&failure.message);
+            slot.outage_ms_left = left;
+            slot.caught_up = false;
+        });
+        super::shared::wake(TASK.share().worker_pid);
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if txn::shutdown_requested() {
+                return Ok(());
+            }
+            txn::nap(Duration::from_millis(200));
+        }
+    }
+}
 
+/// How a streaming session ended.
+enum SessionEnd {
+    Retry(Interruption),
+    Stop(Failure),
+}
+
+fn lost(context: &str, error: &crate::source::SourceError) -> SessionEnd {
+    let failure = Failure::from_source(context, error);
+    if failure.transient {
+        SessionEnd::Retry(Interruption::Stream(failure))
+    } else {
+        SessionEnd::Stop(failure)
+    }
+}
+
+/// Streams from `from` and applies until shutdown (Ok) or an interruption.
+#[allow(clippy::too_many_arguments)]
+fn stream_session(
+    index: usize,
+    database: &str,
+    start: &ApplyStart,
+    task_id: i64,
+    from: Lsn,
+    applier: &mut Applier,
+    state: &mut State,
+    outage: &mut Option<CurrentOutage>,
+) -> Result<(), SessionEnd> {
     let info = ConnInfo::parse(&TASK.share().conninfo.get())
-        .map_err(|e| Failure::new(format!("invalid source connection string: {e}")))?
+        .map_err(|e| {
+            SessionEnd::Stop(Failure::new(format!(
+                "invalid source connection string: {e}"
+            )))
+        })?
         .with_dbname(database);
     let mut options = ConnectOptions::new();
     options.replication = true;
     options.io_timeout = crate::guc::source_timeout();
     options.interrupt_check = Some(Box::new(txn::interrupt_check));
-    let mut connection =
-        Connection::connect(&info, options).map_err(|e| Failure::from_source("", &e))?;
+    let mut connection = Connection::connect(&info, options)
+        .map_err(|e| lost("could not connect to the source", &e))?;
     let mut pgoutput = PgOutputOptions::new(&start.publication);
     pgoutput.proto_version = 2;
     pgoutput.messages = true;
     let mut stream = connection
         .start_pgoutput(&start.slot_name, from, &pgoutput)
-        .map_err(|e| Failure::from_source("could not start streaming", &e))?;
-    update_slot(index, |slot| {
-        slot.applied_lsn = slot.applied_lsn.max(from.0);
-        slot.received_lsn = slot.received_lsn.max(from.0);
-    });
+        .map_err(|e| lost("could not start streaming", &e))?;
 
-    let mut applier = Applier::new(sync_lsns);
+    // Relation messages come again on a new stream.
     let mut decoder = Decoder::new();
-    let mut state = State {
-        open: None,
-        batch: None,
-        pending: VecDeque::new(),
-        applied: from,
-    };
     let mut received = from;
     let mut flushed = from;
     let mut last_status = Instant::now() - STATUS_INTERVAL;
@@ -331,7 +559,7 @@ fn run(
 
     loop {
         if txn::shutdown_requested() {
-            state.abort(&mut applier);
+            state.abort(applier);
             // No CopyDone handshake: closing the connection ends the
             // walsender at once, which frees the slot for the switchover's
             // cleanup (the origin already records what was applied).
@@ -346,40 +574,25 @@ fn run(
         } else {
             READ_WAIT
         };
-        let message = stream.next(wait).map_err(|e| {
-            state.abort(&mut applier);
-            Failure::from_source("replication stream", &e)
-        })?;
+        let message = stream
+            .next(wait)
+            .map_err(|e| lost("replication stream", &e))?;
         let got_message = message.is_some();
+        if got_message && outage.as_ref().is_some_and(|o| o.stream) {
+            clear_outage(index, outage);
+        }
         match message {
             Some(ReplicationMessage::XLogData { wal_end, data, .. }) => {
                 received = received.max(wal_end);
                 let message = decoder.decode(&data).map_err(|e| {
-                    state.abort(&mut applier);
-                    Failure::new(format!("undecodable change: {e}"))
+                    SessionEnd::Stop(Failure::new(format!("undecodable change: {e}")))
                 })?;
-                let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
-                    handle(&mut applier, &mut state, &message, index)
-                }))
-                .catch_others(|error| Err(caught(error)))
-                .execute();
-                if let Err(mut failure) = outcome {
-                    let context = match &state.open {
-                        Some(transaction) => format!(
-                            " (remote transaction {} committing at {}{})",
-                            transaction.xid,
-                            transaction.final_lsn,
-                            relation_of(&message)
-                                .and_then(|oid| applier.relation_name(oid))
-                                .map(|name| format!(", relation {name}"))
-                                .unwrap_or_default()
-                        ),
-                        None => String::new(),
-                    };
-                    failure.message =
-                        format!("applying a change failed: {}{context}", failure.message);
-                    state.abort(&mut applier);
-                    return Err(failure);
+                let outcome =
+                    PgTryBuilder::new(AssertUnwindSafe(|| handle(applier, state, &message, index)))
+                        .catch_others(|error| Err(caught(error)))
+                        .execute();
+                if let Err(failure) = outcome {
+                    return Err(explain(failure, applier, state, &message, task_id));
                 }
             }
             Some(ReplicationMessage::Keepalive {
@@ -396,7 +609,27 @@ fn run(
             batch.transactions >= BATCH_TRANSACTIONS || batch.started.elapsed() >= BATCH_AGE
         });
         if state.batch_waiting() && (!got_message || batch_due) {
-            state.commit_batch(&mut applier, index);
+            let committed = PgTryBuilder::new(AssertUnwindSafe(|| {
+                state.commit_batch(applier, index);
+                Ok(())
+            }))
+            .catch_others(|error| Err(caught(error)))
+            .execute();
+            if let Err(failure) = committed {
+                // A commit that fails (no disk for the WAL) aborts the batch;
+                // the origin did not move, so it is streamed again.
+                // SAFETY: the worker's own transaction, after its ERROR.
+                unsafe { pg_sys::AbortCurrentTransaction() };
+                applier.forget_transaction();
+                return Err(if txn::local_error_is_transient(failure.sqlstate) {
+                    SessionEnd::Retry(Interruption::Local(failure))
+                } else {
+                    SessionEnd::Stop(failure)
+                });
+            }
+            if outage.as_ref().is_some_and(|o| !o.stream) {
+                clear_outage(index, outage);
+            }
         }
         // What is durably committed here, in the source's terms (get_flush_position).
         // SAFETY: reads the local WAL flush position.
@@ -421,9 +654,9 @@ fn run(
         }
         let applied = state.applied;
         update_slot(index, |slot| {
-            slot.received_lsn = received.0;
+            slot.received_lsn = slot.received_lsn.max(received.0);
             slot.applied_lsn = applied.0;
-            slot.flushed_lsn = flushed.0;
+            slot.flushed_lsn = slot.flushed_lsn.max(flushed.0);
             slot.caught_up = idle;
             slot.last_message_at = now();
         });
@@ -435,13 +668,61 @@ fn run(
             last_sent_flushed = flushed;
             stream
                 .send_status(received, flushed, applied, idle_poll)
-                .map_err(|e| {
-                    state.abort(&mut applier);
-                    Failure::from_source("could not send feedback", &e)
-                })?;
+                .map_err(|e| lost("could not send feedback", &e))?;
             last_status = Instant::now();
         }
     }
+}
+
+/// Turns an error applying `message` into a retry (transient local errors)
+/// or an explained stop: the relation, the row's key, the source
+/// transaction's commit LSN, and what to do.
+fn explain(
+    mut failure: Failure,
+    applier: &Applier,
+    state: &State,
+    message: &Message,
+    task_id: i64,
+) -> SessionEnd {
+    let relation = relation_of(message).and_then(|oid| applier.relation_name(oid));
+    let key = key_of(applier, message);
+    let transaction = state.open.as_ref().map(|t| (t.xid, t.final_lsn));
+    let mut context = Vec::new();
+    if let Some(relation) = &relation {
+        context.push(format!("relation {relation}"));
+    }
+    if let Some(key) = &key {
+        context.push(format!("key {key}"));
+    }
+    if let Some((xid, lsn)) = transaction {
+        context.push(format!("source transaction {xid} committing at {lsn}"));
+    }
+    let context = if context.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", context.join(", "))
+    };
+    failure.message = format!("applying a change failed: {}{context}", failure.message);
+    if txn::local_error_is_transient(failure.sqlstate) {
+        return SessionEnd::Retry(Interruption::Local(failure));
+    }
+    let fix = match transaction {
+        Some((_, lsn)) => {
+            failure.lsn = Some(lsn);
+            format!(
+                "then SELECT cloudmig.resume({task_id}); or, to leave out this one source \
+                 transaction here (its changes will be missing), SELECT cloudmig.skip({task_id}, '{lsn}')"
+            )
+        }
+        None => format!("then SELECT cloudmig.resume({task_id})"),
+    };
+    let cause = failure.hint.take().unwrap_or_else(|| {
+        "fix the destination so the change applies (a conflicting row, an index or constraint \
+         added here, a missing table or column)"
+            .to_string()
+    });
+    failure.hint = Some(format!("{cause}; {fix}"));
+    SessionEnd::Stop(failure)
 }
 
 fn relation_of(message: &Message) -> Option<u32> {
@@ -477,11 +758,21 @@ fn handle(
                     end_lsn: *final_lsn,
                     commit_time: 0,
                     started: Instant::now(),
+                    skipped: None,
                 });
+            }
+            // As worker.c's maybe_start_skipping_changes: by exact commit LSN.
+            let skipping = state.skip_lsn.is_valid() && state.skip_lsn == *final_lsn;
+            if skipping {
+                pgrx::log!(
+                    "cloudmig: skipping the source transaction {xid} committing at {final_lsn}, \
+                     as cloudmig.skip() asked"
+                );
             }
             state.open = Some(OpenTransaction {
                 xid: *xid,
                 final_lsn: *final_lsn,
+                skipping,
             });
         }
         Message::Commit {
@@ -489,11 +780,16 @@ fn handle(
             commit_time,
             ..
         } if state.open.is_some() => {
-            state.open = None;
+            let skipped = state
+                .open
+                .take()
+                .filter(|t| t.skipping)
+                .map(|t| t.final_lsn);
             if let Some(batch) = state.batch.as_mut() {
                 batch.transactions += 1;
                 batch.end_lsn = *end_lsn;
                 batch.commit_time = *commit_time;
+                batch.skipped = batch.skipped.or(skipped);
             }
         }
         Message::Relation {
@@ -560,10 +856,11 @@ fn handle(
     Ok(())
 }
 
-/// A change to a table whose copy already contains it (resumed copy).
+/// A change to a table whose copy already contains it (resumed copy), or of
+/// the transaction `cloudmig.skip` named.
 fn skip(applier: &Applier, state: &State, relation: u32) -> bool {
     state
         .open
         .as_ref()
-        .is_some_and(|t| applier.already_copied(relation, t.final_lsn))
+        .is_some_and(|t| t.skipping || applier.already_copied(relation, t.final_lsn))
 }

@@ -194,6 +194,19 @@ fn run_job(
             })
         }
         JobKind::CountRows => count_rows(&job.path.get(), job.checksums),
+        JobKind::ApplyObjects => {
+            let path = job.path.get();
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
+            txn::run(|| {
+                for line in text.lines().filter(|line| !line.is_empty()) {
+                    let object: objects::SourceObject = serde_json::from_str(line)
+                        .map_err(|e| Failure::new(format!("{path}: {e}")))?;
+                    objects::apply(&object, job.caller).map_err(|e| Failure::new(e.to_string()))?;
+                }
+                Ok(())
+            })
+        }
         JobKind::None => Ok(()),
     }
 }
@@ -237,7 +250,11 @@ fn copy_table(
                 .join(", ")
         )
     };
-    txn::run(|| {
+    // The source lost mid-COPY (a restart, the network) surfaces as an ERROR
+    // of the local COPY; keep the source's own error so the task retries it
+    // as the outage it is.
+    let lost: std::cell::RefCell<Option<Failure>> = std::cell::RefCell::new(None);
+    let copied = txn::run(|| {
         if truncate_first {
             execute::run_utf8(&format!("TRUNCATE ONLY {qualified}"))
                 .map_err(|e| Failure::new(e.to_string()))?;
@@ -245,7 +262,13 @@ fn copy_table(
         let mut copy = connection
             .copy_out(&format!("COPY {qualified}{column_list} TO STDOUT"))
             .map_err(source_failure)?;
-        let mut next = || copy.next_chunk().map_err(|e| e.to_string());
+        let mut next = || {
+            copy.next_chunk().map_err(|e| {
+                let text = e.to_string();
+                *lost.borrow_mut() = Some(source_failure(e));
+                text
+            })
+        };
         let mut progress = |rows: u64, bytes: u64| {
             let mut slots = JOBS.exclusive();
             slots[index].rows = rows;
@@ -258,6 +281,10 @@ fn copy_table(
         slots[index].rows = rows;
         slots[index].bytes = stats.bytes;
         Ok(())
+    });
+    copied.map_err(|failure| match lost.into_inner() {
+        Some(source) if source.transient => source,
+        _ => failure,
     })
 }
 

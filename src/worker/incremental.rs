@@ -20,6 +20,7 @@
 //! the task returns to `incremental`.
 
 use super::apply::{self, ApplyStart, MESSAGE_PREFIX};
+use super::fence::Fence;
 use super::jobs::{Job, Stop};
 use super::shared::{ApplySlot, JobKind, SwitchoverState, APPLY, MAX_JOB_SLOTS, TASK};
 use super::task::Runner;
@@ -82,6 +83,8 @@ pub fn lag_of(slot: &ApplySlot) -> u64 {
 
 /// How far back the apply's pace is measured.
 const PACE_WINDOW: Duration = Duration::from_secs(5);
+/// How long a switchover watches an apply whose pace is not known yet.
+const PACE_WATCH: Duration = Duration::from_secs(3);
 
 /// The apply's recent progress per database, sampled by the follow loop each
 /// time it reads the source's position, so a switchover can tell before it
@@ -140,6 +143,12 @@ impl Pace {
     }
 }
 
+/// Whether a database's apply has nothing left to drain but the source's
+/// next keepalive.
+fn nothing_to_drain(lag: u64, caught_up: bool) -> bool {
+    lag == 0 || (caught_up && lag < CAUGHT_UP_BYTES)
+}
+
 /// Why the apply of a database may not drain its `lag` in `timeout` at
 /// `rate` bytes per second (None: it will). A `caught_up` apply with a small
 /// lag is only waiting for the source's next keepalive; any other must have
@@ -152,7 +161,7 @@ fn too_slow_to_drain(
     rate: Option<f64>,
     timeout: Duration,
 ) -> Option<String> {
-    if lag == 0 || (caught_up && lag < CAUGHT_UP_BYTES) {
+    if nothing_to_drain(lag, caught_up) {
         return None;
     }
     let Some(rate) = rate else {
@@ -237,12 +246,17 @@ impl Runner {
                 "a task streams at most {MAX_JOB_SLOTS} databases at once"
             ))));
         }
+        let task_id = self.task.id;
+        let skip_lsn = txn::spi(|| tasks::skip_lsn(task_id))?
+            .and_then(|lsn| lsn.parse::<Lsn>().ok())
+            .unwrap_or_default();
         {
             let mut slots = APPLY.exclusive();
             for (index, slot) in slots.iter_mut().enumerate() {
                 *slot = ApplySlot::default();
                 if let Some(database) = databases.get(index) {
                     slot.task_id = self.task.id;
+                    slot.skip_lsn = skip_lsn.0;
                     slot.database.set(&database.datname);
                     slot.start_lsn = database
                         .consistent_lsn
@@ -255,7 +269,7 @@ impl Runner {
         }
         if self.task.phase == Phase::SwitchingOver {
             // The worker died mid-switchover: make the source writable again.
-            self.unfence(&databases);
+            self.unfence(&databases, None);
             self.set_phase(
                 Phase::Incremental,
                 "switchover interrupted; the source is writable again",
@@ -272,6 +286,83 @@ impl Runner {
         outcome
     }
 
+    /// Turns the apply workers' retries into events and the task's outage
+    /// columns: a warning per attempt, an info when one streams again.
+    fn record_apply_outages(
+        &self,
+        databases: &[TaskDatabase],
+        seen: &mut [u32],
+    ) -> Result<(), Stop> {
+        let task_id = self.task.id;
+        for (index, database) in databases.iter().enumerate() {
+            let (attempts, cause, ms_left) = {
+                let slots = APPLY.share();
+                let slot = &slots[index];
+                (
+                    slot.outage_attempts,
+                    slot.outage_cause.get(),
+                    slot.outage_ms_left,
+                )
+            };
+            let before = seen[index];
+            if attempts == before {
+                continue;
+            }
+            seen[index] = attempts;
+            let datname = database.datname.as_str();
+            if attempts == 0 {
+                let event = format!("streaming again after {before} retry(ies)");
+                txn::spi(|| tasks::outage_over(task_id, Some(datname), &event))?;
+                continue;
+            }
+            let left = ms_left as f64 / 1000.0;
+            let event = format!(
+                "the apply is interrupted ({cause}); retrying (attempt {attempts}; this outage \
+                 gives up in {left:.0}s)"
+            );
+            txn::spi(|| {
+                tasks::note_outage(
+                    task_id,
+                    Some(datname),
+                    &cause,
+                    attempts as i32,
+                    left,
+                    &event,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Records a transaction skipped at `cloudmig.skip`'s request, once the
+    /// apply committed past it, and forgets the request.
+    fn record_skipped(&self, databases: &[TaskDatabase]) -> Result<(), Stop> {
+        let task_id = self.task.id;
+        for (index, database) in databases.iter().enumerate() {
+            let skipped = {
+                let mut slots = APPLY.exclusive();
+                std::mem::take(&mut slots[index].skipped_lsn)
+            };
+            if skipped == 0 {
+                continue;
+            }
+            let event = format!(
+                "skipped the source transaction committing at {}, as cloudmig.skip() asked: \
+                 its changes are not applied here",
+                Lsn(skipped)
+            );
+            let datname = database.datname.as_str();
+            txn::spi(|| {
+                tasks::set_skip_lsn(task_id, None)?;
+                tasks::add_event(task_id, Some(datname), "warning", &event)
+            })?;
+            for slot in APPLY.exclusive().iter_mut() {
+                slot.skip_lsn = 0;
+            }
+        }
+        Ok(())
+    }
+
     fn follow_loop(
         &mut self,
         databases: &[TaskDatabase],
@@ -284,8 +375,11 @@ impl Runner {
         let mut source: Option<Connection> = None;
         let mut pace = Pace::default();
         let mut last_poll = Instant::now() - Duration::from_secs(10);
+        let mut outage_attempts = vec![0u32; databases.len()];
         loop {
             self.check()?;
+            self.record_apply_outages(databases, &mut outage_attempts)?;
+            self.record_skipped(databases)?;
             if last_poll.elapsed() >= Duration::from_secs(1) {
                 last_poll = Instant::now();
                 if source.is_none() {
@@ -324,16 +418,21 @@ impl Runner {
                 if !stopped {
                     continue;
                 }
-                let (error, hint) = {
+                let (error, hint, error_lsn) = {
                     let slots = APPLY.share();
-                    (slots[index].error.get(), slots[index].error_hint.get())
+                    (
+                        slots[index].error.get(),
+                        slots[index].error_hint.get(),
+                        slots[index].error_lsn,
+                    )
                 };
                 if !error.is_empty() {
+                    // Final: the apply rides out outages and transient
+                    // errors itself, within their windows.
                     let mut failure =
                         Failure::new(format!("database {}: {error}", databases[index].datname));
                     failure.hint = (!hint.is_empty()).then_some(hint);
-                    failure.transient =
-                        error.contains("replication stream") || error.contains("connect");
+                    failure.lsn = (error_lsn != 0).then_some(Lsn(error_lsn));
                     return Err(Stop::Failed(failure));
                 }
                 *worker = Some(self.start_apply(index, &databases[index].datname)?);
@@ -352,7 +451,7 @@ impl Runner {
                 }
             }
             if let Some(checksums) = take_verify_request(self.task.id) {
-                let outcome = self.verify(databases, checksums).map(|verdicts| {
+                let outcome = self.verify(databases, checksums, None).map(|verdicts| {
                     let text: String = verdicts
                         .iter()
                         .map(|v| {
@@ -386,7 +485,11 @@ impl Runner {
                 }
             }
             if let Some(request) = take_request(self.task.id) {
-                match self.switchover(databases, workers, &request, &pace) {
+                // The fence ends every session but the switchover's own.
+                if let Some(connection) = source.take() {
+                    connection.close();
+                }
+                match self.switchover(databases, workers, &request, &mut pace) {
                     Ok(report) => {
                         publish_outcome(Ok(&report));
                         return Ok(());
@@ -406,116 +509,12 @@ impl Runner {
         }
     }
 
-    fn source_statement(
-        &self,
-        database: &str,
-        sql: &str,
-    ) -> Result<Vec<crate::source::Row>, Failure> {
-        let mut connection = self.connect(database, false).map_err(|stop| match stop {
-            Stop::Failed(failure) => failure,
-            _ => Failure::new("stopped"),
-        })?;
-        let rows = connection.simple_query(sql).map_err(|e: SourceError| {
-            Failure::from_source(&format!("on source database {database}"), &e)
-        });
-        connection.close();
-        rows
-    }
-
-    /// Makes every migrated database of the source read-only for new
-    /// transactions and ends the sessions that could still write.
-    fn fence(&self, databases: &[TaskDatabase], request: &Request) -> Result<(), Failure> {
-        let first = &databases[0].datname;
-        let mut sql = String::new();
-        for database in databases {
-            sql.push_str(&format!(
-                "ALTER DATABASE {} SET default_transaction_read_only = on; ",
-                quote_ident(&database.datname)
-            ));
-        }
-        self.source_statement(first, &sql).map_err(|mut failure| {
-            failure.hint = Some(
-                "the migration account must own the databases or be a superuser to fence them"
-                    .into(),
-            );
-            failure
-        })?;
-        // Wait for each ended session to be gone (PostgreSQL 14+): a backend
-        // signalled mid-commit could otherwise commit after the final marker.
-        if request.terminate_sessions {
-            let names: Vec<String> = databases
-                .iter()
-                .map(|d| quote_literal(&d.datname))
-                .collect();
-            let exempt: Vec<String> = request
-                .exempt_users
-                .iter()
-                .map(|u| quote_literal(u))
-                .collect();
-            let exempt_clause = if exempt.is_empty() {
-                String::new()
-            } else {
-                format!(" AND usename NOT IN ({})", exempt.join(", "))
-            };
-            self.source_statement(
-                first,
-                &format!(
-                    "SELECT count(pg_catalog.pg_terminate_backend(pid, 10000)) AS ended FROM pg_catalog.pg_stat_activity \
-                      WHERE datname IN ({}) AND pid <> pg_catalog.pg_backend_pid() \
-                        AND backend_type = 'client backend' \
-                        AND application_name IS DISTINCT FROM 'cloudmig'{exempt_clause}",
-                    names.join(", ")
-                ),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Undoes [`Runner::fence`]; best effort, says what it could not undo.
-    fn unfence(&self, databases: &[TaskDatabase]) {
-        let Some(first) = databases.first() else {
-            return;
-        };
-        let sql: String = databases
-            .iter()
-            .map(|d| {
-                format!(
-                    "ALTER DATABASE {} RESET default_transaction_read_only; ",
-                    quote_ident(&d.datname)
-                )
-            })
-            .collect();
-        // A new session in a fenced database starts read-only itself.
-        let undone = self
-            .connect(&first.datname, false)
-            .map_err(stop_failure)
-            .and_then(|mut connection| {
-                let result = connection
-                    .execute("SET default_transaction_read_only = off")
-                    .and_then(|_| connection.simple_query(&sql))
-                    .map(|_| ())
-                    .map_err(|e| Failure::from_source("on the source", &e));
-                connection.close();
-                result
-            });
-        if let Err(failure) = undone {
-            let _ = self.event(
-                None,
-                "error",
-                &format!(
-                    "could not make the source writable again ({failure}): run ALTER DATABASE ... \
-                     RESET default_transaction_read_only on the source"
-                ),
-            );
-        }
-    }
-
     fn switchover(
         &mut self,
         databases: &[TaskDatabase],
         workers: &mut [Option<DynamicBackgroundWorker>],
         request: &Request,
-        pace: &Pace,
+        pace: &mut Pace,
     ) -> Result<Report, Failure> {
         if self.task.phase != Phase::Incremental {
             return Err(Failure::with_hint(
@@ -543,6 +542,23 @@ impl Runner {
             ));
         }
         // Fencing only to time out would stop the source's writes for nothing.
+        // An apply that started a moment ago (a switchover called right after
+        // the task reached incremental) has no pace yet: watch it for a few
+        // seconds rather than refuse at once.
+        let watch_until = Instant::now() + PACE_WATCH.min(request.timeout / 4);
+        while Instant::now() < watch_until {
+            let slots = APPLY.share();
+            let unknown = (0..databases.len()).any(|index| {
+                let slot = &slots[index];
+                !nothing_to_drain(lag_of(slot), slot.caught_up) && pace.rate(index).is_none()
+            });
+            if !unknown {
+                break;
+            }
+            pace.sample(&slots[..databases.len()]);
+            drop(slots);
+            txn::nap(Duration::from_millis(250));
+        }
         let slots = APPLY.share();
         for (index, database) in databases.iter().enumerate() {
             pgrx::debug1!(
@@ -570,45 +586,45 @@ impl Runner {
                 "wait until the apply catches up (cloudmig.apply_progress), or raise timeout_seconds",
             ));
         }
-        self.set_phase(Phase::SwitchingOver, "")
-            .map_err(stop_failure)?;
-        let started = Instant::now();
-        // The fence is one implicit transaction on the source: when it fails,
-        // nothing changed there (a session-ending step may have run, which
-        // needs no undo).
-        self.fence(databases, request)?;
-        let fence_ms = millis(started);
-        match self.drain_and_finish(databases, workers, request, started) {
-            Ok(mut report) => {
-                report.fence_ms = fence_ms;
-                Ok(report)
-            }
-            Err(failure) => {
-                self.unfence(databases);
-                Err(failure)
-            }
+        // Every source session needed after the fence, opened before it.
+        let mut fence = self.open_fence(databases)?;
+        if let Err(stop) = self.set_phase(Phase::SwitchingOver, "") {
+            fence.close();
+            return Err(stop_failure(stop));
         }
+        let started = Instant::now();
+        let outcome = self
+            .fence(
+                &mut fence,
+                databases,
+                request.terminate_sessions,
+                &request.exempt_users,
+            )
+            .and_then(|()| {
+                let fence_ms = millis(started);
+                self.drain_and_finish(databases, workers, request, started, &mut fence)
+                    .map(|report| Report { fence_ms, ..report })
+            });
+        if outcome.is_err() {
+            self.unfence(databases, Some(&mut fence));
+        }
+        fence.close();
+        outcome
     }
 
-    fn drain_and_finish(
-        &mut self,
-        databases: &[TaskDatabase],
-        workers: &mut [Option<DynamicBackgroundWorker>],
-        request: &Request,
-        started: Instant,
-    ) -> Result<Report, Failure> {
-        let deadline = started + request.timeout;
-        // The final position of each database: a marker written after the fence.
-        let drain_started = Instant::now();
+    /// Writes a marker (a logical message) in each database through the
+    /// fence's sessions; its position is where that database's stream must
+    /// have been applied up to.
+    fn write_markers(&self, fence: &mut Fence, what: &str) -> Result<Vec<Lsn>, Failure> {
         let mut markers = Vec::new();
-        for database in databases {
-            let rows = self.source_statement(
-                &database.datname,
-                &format!(
-                    "SELECT pg_catalog.pg_logical_emit_message(false, {}, 'switchover')::text AS lsn",
-                    quote_literal(MESSAGE_PREFIX)
-                ),
-            )?;
+        for session in fence.sessions.iter_mut() {
+            let rows = session
+                .simple_query(&format!(
+                    "SELECT pg_catalog.pg_logical_emit_message(false, {}, {})::text AS lsn",
+                    quote_literal(MESSAGE_PREFIX),
+                    quote_literal(what)
+                ))
+                .map_err(|e| Failure::from_source("writing the switchover marker", &e))?;
             let lsn = rows
                 .first()
                 .and_then(|r| r.get("lsn"))
@@ -618,6 +634,11 @@ impl Runner {
                 })?;
             markers.push(lsn);
         }
+        Ok(markers)
+    }
+
+    /// Waits until each database's apply has committed everything before its marker.
+    fn wait_for_markers(&self, markers: &[Lsn], deadline: Instant) -> Result<(), Failure> {
         loop {
             if Instant::now() > deadline {
                 return Err(Failure::with_hint(
@@ -635,7 +656,7 @@ impl Runner {
                 .all(|(i, marker)| slots[i].fence_seen_lsn >= marker.0);
             let failed = slots
                 .iter()
-                .take(databases.len())
+                .take(markers.len())
                 .find(|s| !s.error.get().is_empty())
                 .map(|s| s.error.get());
             drop(slots);
@@ -643,17 +664,32 @@ impl Runner {
                 return Err(Failure::new(format!("the apply stopped: {error}")));
             }
             if drained {
-                break;
+                return Ok(());
             }
-            txn::nap(Duration::from_millis(20));
+            txn::nap(Duration::from_millis(5));
         }
+    }
+
+    fn drain_and_finish(
+        &mut self,
+        databases: &[TaskDatabase],
+        workers: &mut [Option<DynamicBackgroundWorker>],
+        request: &Request,
+        started: Instant,
+        fence: &mut Fence,
+    ) -> Result<Report, Failure> {
+        let deadline = started + request.timeout;
+        // The final position of each database: a marker written after the fence.
+        let drain_started = Instant::now();
+        let markers = self.write_markers(fence, "switchover")?;
+        self.wait_for_markers(&markers, deadline)?;
         // The apply commits asynchronously: make everything durable now.
         // SAFETY: flushes this instance's WAL up to its current insert position.
         unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
         let drain_ms = millis(drain_started);
         if request.verify {
             let differing: Vec<String> = self
-                .verify(databases, request.checksums)?
+                .verify(databases, request.checksums, Some(&mut *fence))?
                 .into_iter()
                 .filter(|v| !v.matches)
                 .map(|v| format!("{}: {}.{} ({})", v.database, v.schema, v.table, v.detail))
@@ -671,28 +707,53 @@ impl Runner {
         }
 
         let objects_started = Instant::now();
-        for database in databases {
-            let jobs = vec![
-                Job {
-                    kind: JobKind::CopySequences,
-                    ..Job::default()
-                },
-                Job {
-                    kind: JobKind::CopyLargeObjects,
-                    ..Job::default()
-                },
-                Job {
-                    kind: JobKind::RefreshMaterializedViews,
-                    caller: self.task.started_by.unwrap_or(pg_sys::InvalidOid),
-                    ..Job::default()
-                },
-            ];
-            self.run_jobs(&database.datname, jobs, 1, &mut |_| Ok(()), &mut |_, _| {
-                Ok(())
-            })
+        for (ordinal, database) in databases.iter().enumerate() {
+            let path = self
+                .work_dir
+                .join(format!("switchover-objects-{ordinal}.jsonl"));
+            self.export_objects(&mut fence.sessions[ordinal], &path)?;
+            let job = Job {
+                kind: JobKind::ApplyObjects,
+                path: path.display().to_string(),
+                caller: self.task.started_by.unwrap_or(pg_sys::InvalidOid),
+                ..Job::default()
+            };
+            self.run_jobs(
+                &database.datname,
+                vec![job],
+                1,
+                &mut |_| Ok(()),
+                &mut |_, _| Ok(()),
+            )
             .map_err(stop_failure)?;
         }
         let objects_ms = millis(objects_started);
+        // Nothing may have been committed on the source after the first
+        // marker: a second one, once applied, shows the stream up to now.
+        let closing = self.write_markers(fence, "switchover check")?;
+        self.wait_for_markers(&closing, deadline)?;
+        let late = {
+            let slots = APPLY.share();
+            databases
+                .iter()
+                .zip(&markers)
+                .enumerate()
+                .find(|(index, (_, marker))| slots[*index].last_transaction_lsn > marker.0)
+                .map(|(index, (database, _))| {
+                    (database.datname.clone(), slots[index].last_transaction_lsn)
+                })
+        };
+        if let Some((database, lsn)) = late {
+            return Err(Failure::with_hint(
+                format!(
+                    "a write reached source database {database} after the fence (a transaction \
+                     ending at {}), so the source was not quiet; it was applied here too",
+                    Lsn(lsn)
+                ),
+                "find the session that still writes (an exempt user's, or a background worker \
+                 that ignores ALLOW_CONNECTIONS) and stop it, then switch over again",
+            ));
+        }
         // The destination is ready for the application now: the downtime ends
         // here; dropping what the task left on the source does not delay it.
         let downtime_ms = millis(started);
@@ -703,16 +764,19 @@ impl Runner {
                 let _ = worker.terminate().wait_for_shutdown();
             }
         }
-        let names: Vec<String> = databases.iter().map(|d| d.datname.clone()).collect();
-        // The walsenders of the stopped apply workers release the slots a moment later.
+        // The walsenders of the stopped apply workers release the slots a
+        // moment later. The fence's sessions do it: the source refuses new ones.
         let mut problems = Vec::new();
         for _ in 0..50 {
-            problems = super::cleanup::drop_source_objects(
-                &self.info,
-                self.task.id,
-                &names,
-                txn::interrupt_check,
-            );
+            problems = fence
+                .sessions
+                .iter_mut()
+                .zip(databases)
+                .enumerate()
+                .flat_map(|(index, (session, database))| {
+                    super::cleanup::drop_with(session, self.task.id, &database.datname, index == 0)
+                })
+                .collect();
             if problems.is_empty() {
                 break;
             }
@@ -723,6 +787,18 @@ impl Runner {
                 None,
                 "warning",
                 &format!("{problem}; drop it on the source by hand"),
+            )
+            .map_err(stop_failure)?;
+        }
+        let task_id = self.task.id;
+        if let Err(failure) = txn::spi(|| super::cleanup::drop_origins(task_id)) {
+            self.event(
+                None,
+                "warning",
+                &format!(
+                    "could not drop the replication origins cloudmig_{task_id}_*: {failure}; \
+                     drop them with pg_replication_origin_drop()"
+                ),
             )
             .map_err(stop_failure)?;
         }
@@ -737,7 +813,7 @@ impl Runner {
         };
         let message = format!(
             "downtime {} ms (fence, drain {} ms, sequences and large objects {} ms; then cleanup {} ms); \
-             final source LSN {}; the source databases stay read-only",
+             final source LSN {}; the source databases stay read-only and refuse connections",
             report.downtime_ms, report.drain_ms, report.objects_ms, report.cleanup_ms, report.final_lsn
         );
         self.set_phase(Phase::Completed, &message)
@@ -750,7 +826,14 @@ impl Runner {
     /// Compares every copied table's row count (and checksum) between the
     /// source and here. Meaningful once the source is fenced, or when nothing
     /// writes to it; in flight, counts differ by the lag.
-    fn verify(&self, databases: &[TaskDatabase], checksums: bool) -> Result<Vec<Verdict>, Failure> {
+    /// With `fence`, through its sessions (new connections are refused
+    /// while the source is fenced).
+    fn verify(
+        &self,
+        databases: &[TaskDatabase],
+        checksums: bool,
+        mut fence: Option<&mut Fence>,
+    ) -> Result<Vec<Verdict>, Failure> {
         let task_id = self.task.id;
         let mut verdicts = Vec::new();
         for (ordinal, database) in databases.iter().enumerate() {
@@ -801,7 +884,11 @@ impl Runner {
                         ))
                     })
                     .collect();
-            let mut connection = self.connect(&datname, false).map_err(stop_failure)?;
+            let mut own = None;
+            let connection = match fence.as_deref_mut() {
+                Some(fence) => &mut fence.sessions[ordinal],
+                None => own.insert(self.connect(&datname, false).map_err(stop_failure)?),
+            };
             let source_failure = |e: SourceError| {
                 Failure::from_source(&format!("counting on source database {datname}"), &e)
             };
@@ -855,7 +942,9 @@ impl Runner {
                     detail,
                 });
             }
-            connection.close();
+            if let Some(connection) = own {
+                connection.close();
+            }
         }
         Ok(verdicts)
     }
@@ -872,7 +961,7 @@ fn take_verify_request(task_id: i64) -> Option<bool> {
     Some(exchange.checksums)
 }
 
-fn stop_failure(stop: Stop) -> Failure {
+pub(super) fn stop_failure(stop: Stop) -> Failure {
     match stop {
         Stop::Failed(failure) => failure,
         Stop::Cancelled => Failure::new("the task was cancelled"),

@@ -234,6 +234,9 @@ fn describe(job: &Job) -> String {
         JobKind::CopyLargeObjects => "copying large objects".to_string(),
         JobKind::RefreshMaterializedViews => "refreshing materialized views".to_string(),
         JobKind::CountRows => "counting rows".to_string(),
+        JobKind::ApplyObjects => {
+            "setting sequences, large objects and materialized views".to_string()
+        }
         JobKind::None => "a job".to_string(),
     }
 }

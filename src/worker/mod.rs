@@ -12,10 +12,12 @@
 pub mod apply;
 pub mod cleanup;
 pub mod database;
+pub mod fence;
 pub mod incremental;
 pub mod inspect;
 pub mod jobs;
 pub mod launcher;
+pub mod outage;
 pub mod shared;
 pub mod task;
 pub mod txn;

@@ -240,6 +240,9 @@ pub enum JobKind {
     /// Count (and with `checksums`, checksum) the rows of the tables listed
     /// in `path`, writing the results beside it (`.out`).
     CountRows = 6,
+    /// Set sequences, recreate large objects and refresh materialized views
+    /// from what the task worker read on the source (the JSON lines of `path`).
+    ApplyObjects = 7,
 }
 
 /// One database worker's mailbox.
@@ -261,7 +264,7 @@ pub struct JobSlot {
     pub resuming: bool,
     /// CountRows: also compute an order-independent checksum.
     pub checksums: bool,
-    /// ApplyScript, RefreshMaterializedViews: the role that started the
+    /// ApplyScript, RefreshMaterializedViews, ApplyObjects: the role that started the
     /// task (`cloudmig.task.started_by`), on whose behalf nothing may run
     /// as a superuser unless it is one.
     pub caller: pg_sys::Oid,
@@ -308,9 +311,26 @@ pub struct ApplySlot {
     pub source_lsn: u64,
     /// The switchover's marker LSN in this database, once seen applied.
     pub fence_seen_lsn: u64,
-    /// Why the apply stopped (relation, remote LSN, xid in the message).
+    /// End LSN of the last source transaction with changes committed here
+    /// (the switchover checks that none came after its marker).
+    pub last_transaction_lsn: u64,
+    /// Why the apply stopped (relation, key, remote LSN, xid in the message).
     pub error: FixedText<1024>,
     pub error_hint: FixedText<512>,
+    /// Commit LSN of the source transaction the error happened in (0: none).
+    pub error_lsn: u64,
+    /// The outage the apply rides out (0 attempts: none): retries so far,
+    /// why, and the milliseconds left of its window. The task worker writes
+    /// them to the catalog.
+    pub outage_attempts: u32,
+    pub outage_cause: FixedText<512>,
+    pub outage_ms_left: i64,
+    /// The source transaction (commit LSN) to skip (`cloudmig.skip`), set by
+    /// the task worker before the apply starts; 0: none.
+    pub skip_lsn: u64,
+    /// Set by the apply once that transaction was skipped and the origin
+    /// moved past it.
+    pub skipped_lsn: u64,
 }
 // SAFETY: plain old data, no pointers.
 unsafe impl PGRXSharedMemory for ApplySlot {}

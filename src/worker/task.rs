@@ -24,6 +24,7 @@
 //! consistent. A table whose copy was interrupted is emptied and copied again.
 
 use super::jobs::{self, Job, JobResult, Stop};
+use super::outage::Outage;
 use super::shared::{self, JobKind, TASK};
 use super::txn::{self, Failure};
 use crate::catalog::secrets;
@@ -39,6 +40,7 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Starts a task worker for `task_id` (from the launcher).
@@ -89,7 +91,15 @@ pub extern "C-unwind" fn cloudmig_task_main(arg: pg_sys::Datum) {
         Ok(()) | Err(Stop::Shutdown) => Ok(()),
         Err(Stop::Failed(failure)) => {
             pgrx::log!("cloudmig: task {task_id} failed: {failure}");
-            txn::spi(|| tasks::fail(task_id, &failure.message, failure.hint.as_deref()))
+            let lsn = failure.lsn.map(|lsn| lsn.to_string());
+            txn::spi(|| {
+                tasks::fail(
+                    task_id,
+                    &failure.message,
+                    failure.hint.as_deref(),
+                    lsn.as_deref(),
+                )
+            })
         }
         Err(Stop::Cancelled) => Ok(()), // cloudmig.cancel() finishes the job
     };
@@ -103,46 +113,56 @@ pub extern "C-unwind" fn cloudmig_task_main(arg: pg_sys::Datum) {
     }
 }
 
-/// Runs the task; while the source is away (network, restart), retries with
-/// a doubling backoff up to `cloudmig.source_retry_timeout`, saying so in the
-/// events. Each retry resumes from what is recorded, as after a restart.
+/// Set while the task worker rides out an outage of the source; the first
+/// successful connection to the source ends it (see [`Runner::connect`]).
+static OUTAGE_OPEN: AtomicBool = AtomicBool::new(false);
+
+/// Runs the task; while the source is away (network, restart, failover),
+/// retries with backoff, each outage within a window of its own (see
+/// [`Outage`]), saying so in the events and the task's outage columns. Each
+/// retry resumes from what is recorded, as after a restart.
 fn run_with_retries(task_id: i64) -> Result<(), Stop> {
-    let deadline = Instant::now() + crate::guc::source_retry_timeout();
-    let mut backoff = Duration::from_secs(1);
+    let mut outage: Option<Outage> = None;
     loop {
         let outcome = Runner::load(task_id).and_then(|mut runner| {
             let result = runner.run();
             runner.release_snapshots();
             result
         });
-        match outcome {
-            Err(Stop::Failed(failure)) if failure.transient && Instant::now() < deadline => {
-                let message = format!(
-                    "the source is unavailable ({failure}); retrying in {}s",
-                    backoff.as_secs()
-                );
-                txn::spi(|| tasks::note_error(task_id, &message, failure.hint.as_deref()))?;
-                let until = Instant::now() + backoff;
-                while Instant::now() < until {
-                    if txn::shutdown_requested() {
-                        return Err(Stop::Shutdown);
-                    }
-                    if shared::cancel_requested() == Some(task_id) {
-                        return Err(Stop::Cancelled);
-                    }
-                    txn::nap(Duration::from_millis(200));
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-            Err(Stop::Failed(mut failure)) if failure.transient => {
-                failure.message = format!(
-                    "{} (gave up after cloudmig.source_retry_timeout = {}s)",
-                    failure.message,
-                    crate::guc::source_retry_timeout().as_secs()
-                );
-                return Err(Stop::Failed(failure));
-            }
+        let failure = match outcome {
+            Err(Stop::Failed(failure)) if failure.transient => failure,
             other => return other,
+        };
+        if !OUTAGE_OPEN.load(Ordering::SeqCst) {
+            // The source answered since the last failure: a new outage.
+            outage = None;
+        }
+        let current = outage.get_or_insert_with(Outage::begin);
+        let Some(wait) = current.next_attempt() else {
+            OUTAGE_OPEN.store(false, Ordering::SeqCst);
+            let mut failure = failure;
+            failure.message = format!("{} ({})", failure.message, current.gave_up());
+            return Err(Stop::Failed(failure));
+        };
+        OUTAGE_OPEN.store(true, Ordering::SeqCst);
+        let event = format!(
+            "the source is unavailable ({failure}); retrying in {}s (attempt {}; this outage \
+             gives up in {:.0}s)",
+            wait.as_secs(),
+            current.attempts,
+            current.seconds_left()
+        );
+        let (attempts, left) = (current.attempts as i32, current.seconds_left());
+        txn::spi(|| tasks::note_outage(task_id, None, &failure.message, attempts, left, &event))?;
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if txn::shutdown_requested() {
+                return Err(Stop::Shutdown);
+            }
+            if shared::cancel_requested() == Some(task_id) {
+                return Err(Stop::Cancelled);
+            }
+            txn::nap(Duration::from_millis(200));
         }
     }
 }
@@ -285,12 +305,22 @@ impl Runner {
         options.replication = replication;
         options.io_timeout = crate::guc::source_timeout();
         options.interrupt_check = Some(Box::new(txn::interrupt_check));
-        Connection::connect(&self.info.with_dbname(dbname), options).map_err(|e| {
-            Stop::Failed(source_failure(
-                &format!("could not connect to source database {dbname}"),
-                e,
-            ))
-        })
+        let connection =
+            Connection::connect(&self.info.with_dbname(dbname), options).map_err(|e| {
+                Stop::Failed(source_failure(
+                    &format!("could not connect to source database {dbname}"),
+                    e,
+                ))
+            })?;
+        // SAFETY: reads this backend's transaction state.
+        let in_transaction = unsafe { pg_sys::IsTransactionState() };
+        if !in_transaction && OUTAGE_OPEN.swap(false, Ordering::SeqCst) {
+            let id = self.task.id;
+            txn::spi(|| {
+                tasks::outage_over(id, None, "the source answers again; the outage is over")
+            })?;
+        }
+        Ok(connection)
     }
 
     fn run(&mut self) -> Result<(), Stop> {
@@ -665,7 +695,7 @@ impl Runner {
     }
 
     /// Records as warning events what an ApplyScript job left out.
-    fn record_skipped(&self, datname: &str, job: &Job) -> Result<(), Failure> {
+    fn record_skipped_statements(&self, datname: &str, job: &Job) -> Result<(), Failure> {
         if job.kind != JobKind::ApplyScript {
             return Ok(());
         }
@@ -769,7 +799,7 @@ impl Runner {
                 ..Job::default()
             };
             self.run_jobs(&datname, vec![job], 1, &mut |_| Ok(()), &mut |job, _| {
-                self.record_skipped(&datname, job)
+                self.record_skipped_statements(&datname, job)
             })?;
             self.set_database_state(&datname, "schema_applied", Some(&lsn))?;
             self.event(
@@ -952,7 +982,7 @@ impl Runner {
                 },
             ];
             self.run_jobs(&datname, jobs, 1, &mut |_| Ok(()), &mut |job, _| {
-                self.record_skipped(&datname, job)
+                self.record_skipped_statements(&datname, job)
             })?;
             txn::spi(|| tasks::mark_indexed(task_id, &datname))?;
             self.set_database_state(&datname, "post_data_applied", None)?;

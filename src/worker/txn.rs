@@ -21,6 +21,9 @@ pub struct Failure {
     pub transient: bool,
     /// The SQLSTATE of a local ERROR, when the failure is one.
     pub sqlstate: Option<pgrx::PgSqlErrorCode>,
+    /// The commit LSN of the source transaction an apply error happened in
+    /// (what `cloudmig.skip` takes).
+    pub lsn: Option<crate::source::Lsn>,
 }
 
 impl std::fmt::Display for Failure {
@@ -56,6 +59,7 @@ impl Failure {
             hint: error.hint(),
             transient: source_unavailable(error),
             sqlstate: None,
+            lsn: None,
         }
     }
 
@@ -65,6 +69,7 @@ impl Failure {
             hint: None,
             transient: false,
             sqlstate: None,
+            lsn: None,
         }
     }
 
@@ -74,6 +79,7 @@ impl Failure {
             hint: Some(hint.into()),
             transient: false,
             sqlstate: None,
+            lsn: None,
         }
     }
 }
@@ -88,6 +94,7 @@ fn describe(error: CaughtError) -> Failure {
         hint: report.hint().map(str::to_string),
         transient: false,
         sqlstate: Some(report.sql_error_code()),
+        lsn: None,
     }
 }
 
@@ -167,6 +174,25 @@ pub fn interrupt_check() {
         pgrx::error!("cloudmig: task {task} cancelled");
     }
     pgrx::check_for_interrupts!();
+}
+
+/// Local errors that go away when tried again: a deadlock or serialization
+/// failure against a session here, a lock not granted in time, a full disk
+/// or memory exhaustion that someone may free meanwhile. The apply retries
+/// them within `cloudmig.source_retry_timeout` instead of failing the task.
+pub fn local_error_is_transient(sqlstate: Option<pgrx::PgSqlErrorCode>) -> bool {
+    use pgrx::PgSqlErrorCode::*;
+    matches!(
+        sqlstate,
+        Some(
+            ERRCODE_T_R_DEADLOCK_DETECTED
+                | ERRCODE_T_R_SERIALIZATION_FAILURE
+                | ERRCODE_LOCK_NOT_AVAILABLE
+                | ERRCODE_DISK_FULL
+                | ERRCODE_OUT_OF_MEMORY
+                | ERRCODE_QUERY_CANCELED
+        )
+    )
 }
 
 /// Errors that mean "the source is not there right now" rather than "this

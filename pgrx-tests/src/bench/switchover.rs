@@ -102,7 +102,9 @@ fn switch_over(bench: &Bench, outcome: &mut Outcome) -> Status {
     {
         outcome.set(name, row.get::<_, f64>(i));
     }
-    // The source is fenced now: nothing moves, the destination must hold the same data.
+    // The source is fenced now: nothing moves, the destination must hold the same data. The
+    // fence refuses connections until the DBA lets them in again.
+    crate::migration::reopen_source(source);
     let expected = verify::contents(source, BENCH_DB);
     match verify::check(&expected, &dest, BENCH_DB) {
         Ok(()) => Status::Ok,

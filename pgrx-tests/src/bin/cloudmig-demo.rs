@@ -199,6 +199,18 @@ fn main() {
     );
     println!("  the application wrote {written} orders during the migration; its session was ended by the fence");
 
+    let refused = source.try_client("shop").err().map(|e| {
+        e.as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string())
+    });
+    println!(
+        "\nthe source refuses connections to the migrated databases: {}",
+        refused.unwrap_or_else(|| "NO, it accepted one".into())
+    );
+    println!("  a DBA lets readers in again with ALTER DATABASE shop ALLOW_CONNECTIONS true");
+    cloudmig_e2e::migration::reopen_source(&source);
+
     println!("\nrow counts, source vs destination:");
     for table in ["customers", "orders", "audit_log"] {
         let sql = format!("SELECT count(*) FROM {table}");

@@ -83,6 +83,10 @@ CREATE TABLE cloudmig.table_copy (
                     CHECK (state IN ('pending', 'copying', 'copied', 'indexed')),
     bytes_total     bigint NOT NULL DEFAULT 0,   -- size on the source when planned
     rows_estimated  bigint NOT NULL DEFAULT 0,   -- reltuples on the source when planned
+    -- An extension's configuration table (pg_extension_config_dump): CREATE
+    -- EXTENSION filled it here with its defaults, which the source's rows
+    -- replace (the source holds them too), so its copy always empties it first.
+    extension_config boolean NOT NULL DEFAULT false,
     rows_copied     bigint,
     bytes_copied    bigint,
     sync_lsn        pg_lsn,

@@ -112,6 +112,8 @@ pub struct TableCopy {
     pub schema_name: String,
     pub table_name: String,
     pub state: String,
+    /// An extension's configuration table (see sql/tasks.sql).
+    pub extension_config: bool,
 }
 
 /// A table as planned from the source.
@@ -121,6 +123,7 @@ pub struct PlannedTable {
     pub table_name: String,
     pub bytes_total: i64,
     pub rows_estimated: i64,
+    pub extension_config: bool,
 }
 
 type SpiResult<T> = Result<T, pgrx::spi::Error>;
@@ -401,8 +404,9 @@ pub fn set_database_state(
 pub fn plan_tables(task_id: i64, datname: &str, tables: &[PlannedTable]) -> SpiResult<()> {
     for table in tables {
         Spi::run_with_args(
-            "INSERT INTO cloudmig.table_copy (task_id, datname, schema_name, table_name, bytes_total, rows_estimated) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            "INSERT INTO cloudmig.table_copy \
+                    (task_id, datname, schema_name, table_name, bytes_total, rows_estimated, extension_config) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
             &[
                 task_id.into(),
                 datname.into(),
@@ -410,6 +414,7 @@ pub fn plan_tables(task_id: i64, datname: &str, tables: &[PlannedTable]) -> SpiR
                 table.table_name.as_str().into(),
                 table.bytes_total.into(),
                 table.rows_estimated.into(),
+                table.extension_config.into(),
             ],
         )?;
     }
@@ -421,7 +426,7 @@ pub fn tables_to_copy(task_id: i64, datname: &str) -> SpiResult<Vec<TableCopy>> 
     Spi::connect(|client| {
         client
             .select(
-                "SELECT datname, schema_name, table_name, state FROM cloudmig.table_copy \
+                "SELECT datname, schema_name, table_name, state, extension_config FROM cloudmig.table_copy \
                   WHERE task_id = $1 AND datname = $2 AND state IN ('pending', 'copying') \
                   ORDER BY bytes_total DESC, schema_name, table_name",
                 None,
@@ -433,6 +438,7 @@ pub fn tables_to_copy(task_id: i64, datname: &str) -> SpiResult<Vec<TableCopy>> 
                     schema_name: row.get(2)?.unwrap_or_default(),
                     table_name: row.get(3)?.unwrap_or_default(),
                     state: row.get(4)?.unwrap_or_default(),
+                    extension_config: row.get(5)?.unwrap_or_default(),
                 })
             })
             .collect()

@@ -849,7 +849,8 @@ impl Runner {
                     schema: table.schema_name.clone(),
                     table: table.table_name.clone(),
                     snapshot: snapshot.clone(),
-                    truncate_first: table.state == "copying",
+                    // An interrupted copy, or an extension's defaults to replace.
+                    truncate_first: table.state == "copying" || table.extension_config,
                     ..Job::default()
                 });
                 by_name.insert((table.schema_name.clone(), table.table_name.clone()), table);
@@ -916,6 +917,7 @@ impl Runner {
                         table_name: row.try_get("table_name")?.unwrap_or_default().to_string(),
                         bytes_total: row.parse("bytes_total")?,
                         rows_estimated: row.parse("rows_estimated")?,
+                        extension_config: row.get_bool("extension_config")?,
                     })
                 })
                 .collect()

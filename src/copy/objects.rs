@@ -22,6 +22,8 @@ pub enum ObjectsError {
 
 /// Sequences read per query (one UNION ALL of this many sequences).
 const SEQUENCES_PER_QUERY: usize = 500;
+/// Bytes of a large object read (and written here) at a time.
+const LARGE_OBJECT_CHUNK: i64 = 16 * 1024 * 1024;
 
 /// One object read on the source, to be recreated here. The switchover reads
 /// them through the sessions it opened before its fence (which refuses new
@@ -35,12 +37,21 @@ pub enum SourceObject {
         last_value: String,
         is_called: bool,
     },
-    /// A large object; `data` as bytea text.
+    /// Every large object follows: those here now go (one removed on the
+    /// source since an earlier copy, too).
+    LargeObjectsFollow,
+    /// A large object, created empty with its owner, privileges and comment;
+    /// its data follows in [`SourceObject::LargeObjectChunk`]s.
     LargeObject {
         oid: String,
         owner: Option<String>,
         acl: String,
         comment: Option<String>,
+    },
+    /// `data` (bytea text) of large object `oid`, written at `offset`.
+    LargeObjectChunk {
+        oid: String,
+        offset: i64,
         data: String,
     },
     /// A materialized view populated on the source.
@@ -91,24 +102,42 @@ pub fn read_large_objects(
                 pg_catalog.obj_description(m.oid, 'pg_largeobject') AS comment \
            FROM pg_catalog.pg_largeobject_metadata m ORDER BY m.oid",
     )?;
+    each(SourceObject::LargeObjectsFollow)?;
     for object in &objects {
         let oid = object.try_get("oid")?.unwrap_or_default().to_string();
-        let data = source
-            .simple_query(&format!(
-                "SELECT pg_catalog.lo_get({}) AS data",
-                quote_literal(&oid)
-            ))?
-            .into_iter()
-            .next()
-            .and_then(|row| row.get("data").map(str::to_string))
-            .unwrap_or_default();
         each(SourceObject::LargeObject {
-            oid,
+            oid: oid.clone(),
             owner: object.get("owner").map(str::to_string),
             acl: object.get("acl").unwrap_or("").to_string(),
             comment: object.get("comment").map(str::to_string),
-            data,
         })?;
+        // In chunks: one value of a whole object could pass the 1 GB limit
+        // of a text value (in hex, twice its size), and would sit in memory.
+        let mut offset: i64 = 0;
+        loop {
+            let data = source
+                .simple_query(&format!(
+                    "SELECT pg_catalog.lo_get({}, {offset}, {LARGE_OBJECT_CHUNK}) AS data",
+                    quote_literal(&oid)
+                ))?
+                .into_iter()
+                .next()
+                .and_then(|row| row.get("data").map(str::to_string))
+                .unwrap_or_default();
+            // bytea text in hex: "\x" and two digits a byte.
+            let bytes = data.len().saturating_sub(2) as i64 / 2;
+            if bytes > 0 {
+                each(SourceObject::LargeObjectChunk {
+                    oid: oid.clone(),
+                    offset,
+                    data,
+                })?;
+            }
+            if bytes < LARGE_OBJECT_CHUNK {
+                break;
+            }
+            offset += bytes;
+        }
     }
     Ok(objects.len())
 }
@@ -149,21 +178,10 @@ pub fn apply(object: &SourceObject, caller: pgrx::pg_sys::Oid) -> Result<(), Obj
             owner,
             acl,
             comment,
-            data,
         } => {
             // The oid goes into statements unquoted: it must be a number.
-            let oid: u32 = oid
-                .parse()
-                .map_err(|_| ObjectsError::Invalid(format!("large object oid {oid:?}")))?;
-            let oid_literal = quote_literal(&oid.to_string());
-            // Idempotent: a resumed task may have copied it before.
-            run_utf8(&format!(
-                "SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = {oid_literal}::oid"
-            ))?;
-            run_utf8(&format!(
-                "SELECT pg_catalog.lo_from_bytea({oid_literal}::oid, {}::bytea)",
-                quote_literal(data)
-            ))?;
+            let oid = large_object_oid(oid)?;
+            run_utf8(&format!("SELECT pg_catalog.lo_create({oid})"))?;
             if let Some(owner) = owner {
                 run_utf8(&format!(
                     "ALTER LARGE OBJECT {oid} OWNER TO {}",
@@ -180,6 +198,14 @@ pub fn apply(object: &SourceObject, caller: pgrx::pg_sys::Oid) -> Result<(), Obj
                 ))?;
             }
         }
+        SourceObject::LargeObjectsFollow => {
+            run_utf8("SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata")?
+        }
+        SourceObject::LargeObjectChunk { oid, offset, data } => run_utf8(&format!(
+            "SELECT pg_catalog.lo_put({}, {offset}, {}::bytea)",
+            large_object_oid(oid)?,
+            quote_literal(data)
+        ))?,
         // Quoted here: a name is text from the source, never SQL. PostgreSQL
         // runs the view's query as the owner already (matview.c); the session
         // user is the owner too, so nothing in it sees the superuser driving it.
@@ -200,6 +226,12 @@ pub fn apply(object: &SourceObject, caller: pgrx::pg_sys::Oid) -> Result<(), Obj
         }
     }
     Ok(())
+}
+
+/// A large object's oid as the source sent it, checked to be one.
+fn large_object_oid(text: &str) -> Result<u32, ObjectsError> {
+    text.parse()
+        .map_err(|_| ObjectsError::Invalid(format!("large object oid {text:?}")))
 }
 
 /// Sets every sequence here to its state on the source session (`last_value`

@@ -36,6 +36,7 @@ pub mod worker;
 
 pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
 pgrx::extension_sql_file!("../sql/tasks.sql", name = "tasks", requires = ["catalog"]);
+pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl", requires = ["tasks"]);
 
 /// Called when the library is loaded. cloudmig keeps live state in shared
 /// memory and (for resumable migrations) a launcher worker, both of which can

@@ -13,6 +13,7 @@
 
 use super::executor::{self, Execution};
 use super::local::{self, LocalTable, MappingError, RowLookup};
+use super::shape;
 use super::spi;
 use crate::owner::AsOwner;
 use crate::source::pgoutput::{Column, Tuple, Value};
@@ -139,6 +140,9 @@ pub struct Applier {
     sync_lsns: HashMap<String, Lsn>,
     /// Where one change's values and executor state live; reset after it.
     change_context: pg_sys::MemoryContext,
+    /// Names of the source's non-built-in types (its Type messages), for
+    /// the DDL a shape pause suggests.
+    type_names: HashMap<u32, String>,
 }
 
 impl Applier {
@@ -159,7 +163,30 @@ impl Applier {
             open: HashMap::new(),
             sync_lsns,
             change_context,
+            type_names: HashMap::new(),
         }
+    }
+
+    /// Records a Type message: the name of a non-built-in type on the source.
+    pub fn type_announced(&mut self, oid: u32, namespace: &str, name: &str) {
+        self.type_names.insert(
+            oid,
+            format!("{}.{}", quote_ident(namespace), quote_ident(name)),
+        );
+    }
+
+    /// Relation `oid` as the source last announced it, for a shape check.
+    ///
+    /// # Safety
+    /// In a transaction (types are spelled by the local catalog).
+    pub unsafe fn announced(&self, oid: u32) -> Option<shape::Announced> {
+        let relation = self.relations.get(&oid)?;
+        Some(shape::announce(
+            &relation.namespace,
+            &relation.name,
+            &relation.columns,
+            &self.type_names,
+        ))
     }
 
     /// Records a Relation message; the local table is looked at when the

@@ -6,6 +6,7 @@
 //! secrets table stays readable by the owner alone.
 
 pub mod assessments;
+pub mod schema_drift;
 pub mod secrets;
 pub mod tasks;
 

@@ -24,8 +24,12 @@
 //! * one source transaction, named by its commit LSN (`cloudmig.skip`), is
 //!   skipped as worker.c's `maybe_start_skipping_changes` does: its changes
 //!   are ignored, its commit advances the origin.
+//! * unless the error comes from a local table that no longer fits what the
+//!   source sent (DDL on the source): then the apply pauses and streams again
+//!   from the origin once the table fits ([`super::shape_pause`]).
 
 use super::outage::Outage;
+use super::shape_pause;
 use super::shared::{ApplySlot, APPLY, TASK};
 use super::txn::{self, Failure};
 use crate::apply::applier::{Applier, ApplyError};
@@ -51,6 +55,7 @@ const READ_WAIT: Duration = Duration::from_millis(500);
 pub const MESSAGE_PREFIX: &str = "cloudmig";
 
 /// What one apply slot is told by the task worker before the worker starts.
+#[derive(Clone)]
 pub struct ApplyStart {
     pub slot_name: String,
     pub publication: String,
@@ -148,7 +153,19 @@ pub extern "C-unwind" fn cloudmig_apply_main(arg: pg_sys::Datum) {
         slot_start: Lsn(start_lsn),
         skip_lsn: Lsn(skip_lsn),
     };
-    if let Err(failure) = run(index, &database, from, start) {
+    // A pause for DDL on the source waits here, then streams again from the
+    // origin (see `shape_pause`).
+    let outcome = loop {
+        match run(index, &database, from, start.clone()) {
+            Ok(Some(paused)) => match shape_pause::wait(index, &paused) {
+                Ok(()) if !txn::shutdown_requested() => continue,
+                other => break other,
+            },
+            Ok(None) => break Ok(()),
+            Err(failure) => break Err(failure),
+        }
+    };
+    if let Err(failure) = outcome {
         if !txn::shutdown_requested() {
             pgrx::log!("cloudmig: apply of {database} stopped: {failure}");
             update_slot(index, |slot| {
@@ -200,7 +217,10 @@ fn setup_origin(name: &str) -> Result<Lsn, Failure> {
             if origin == pg_sys::InvalidRepOriginId as u16 {
                 origin = pg_sys::replorigin_create(name.as_ptr());
             }
-            pg_sys::replorigin_session_setup(origin);
+            // Streaming again after a pause: the session has it already.
+            if pg_sys::replorigin_session_origin != origin {
+                pg_sys::replorigin_session_setup(origin);
+            }
             pg_sys::replorigin_session_origin = origin;
             Ok(Lsn(pg_sys::replorigin_session_get_progress(false)))
         }
@@ -368,6 +388,7 @@ impl State {
 }
 
 /// What the task worker handed this apply worker in its slot.
+#[derive(Clone, Copy)]
 struct Start {
     task_id: i64,
     /// Where streaming starts when the origin has no progress yet.
@@ -404,7 +425,7 @@ fn run(
     database: &str,
     handed: Start,
     start: Option<ApplyStart>,
-) -> Result<(), Failure> {
+) -> Result<Option<shape_pause::Paused>, Failure> {
     let start = start.ok_or_else(|| Failure::new("apply worker started without its parameters"))?;
     let sync_lsns = read_sync_file(&start.sync_file)?;
     txn::run(|| {
@@ -457,7 +478,8 @@ fn run(
             &mut state,
             &mut outage,
         ) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(None),
+            Err(SessionEnd::Paused(paused)) => return Ok(Some(*paused)),
             Err(SessionEnd::Stop(failure)) => {
                 state.abort(&mut applier);
                 return Err(failure);
@@ -496,7 +518,7 @@ fn run(
         let until = Instant::now() + wait;
         while Instant::now() < until {
             if txn::shutdown_requested() {
-                return Ok(());
+                return Ok(None);
             }
             txn::nap(Duration::from_millis(200));
         }
@@ -507,6 +529,8 @@ fn run(
 enum SessionEnd {
     Retry(Interruption),
     Stop(Failure),
+    /// A local table no longer fits the source's (see `shape_pause`).
+    Paused(Box<shape_pause::Paused>),
 }
 
 fn lost(context: &str, error: &crate::source::SourceError) -> SessionEnd {
@@ -592,7 +616,21 @@ fn stream_session(
                         .catch_others(|error| Err(caught(error)))
                         .execute();
                 if let Err(failure) = outcome {
-                    return Err(explain(failure, applier, state, &message, task_id));
+                    let waiting_lsn = state.open.as_ref().map(|t| t.final_lsn);
+                    let end = explain(failure, applier, state, &message, task_id);
+                    if let SessionEnd::Stop(failure) = &end {
+                        // A table that no longer fits the source's (DDL there)
+                        // pauses instead; the batch goes first, the origin
+                        // stays before the transaction that waits.
+                        state.abort(applier);
+                        if let Some(paused) =
+                            shape_pause::after_failure(applier, &message, failure, waiting_lsn)
+                        {
+                            connection.close();
+                            return Err(SessionEnd::Paused(Box::new(paused)));
+                        }
+                    }
+                    return Err(end);
                 }
             }
             Some(ReplicationMessage::Keepalive {
@@ -800,6 +838,12 @@ fn handle(
             columns,
             ..
         } => applier.relation(*oid, namespace, name, *replica_identity, columns),
+        Message::Type {
+            oid,
+            namespace,
+            name,
+            ..
+        } => applier.type_announced(*oid, namespace, name),
         Message::Insert { relation, new, .. } if !skip(applier, state, *relation) => {
             applier.insert(*relation, new).map_err(apply_error)?;
         }

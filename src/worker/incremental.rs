@@ -20,6 +20,7 @@
 //! the task returns to `incremental`.
 
 use super::apply::{self, ApplyStart, MESSAGE_PREFIX};
+use super::ddl_watch::DdlWatch;
 use super::fence::Fence;
 use super::jobs::{Job, Stop};
 use super::shared::{ApplySlot, JobKind, SwitchoverState, APPLY, MAX_JOB_SLOTS, TASK};
@@ -376,8 +377,10 @@ impl Runner {
         let mut pace = Pace::default();
         let mut last_poll = Instant::now() - Duration::from_secs(10);
         let mut outage_attempts = vec![0u32; databases.len()];
+        let mut ddl_watch = DdlWatch::new(databases.len());
         loop {
             self.check()?;
+            self.watch_ddl(databases, &mut ddl_watch, source.is_some())?;
             self.record_apply_outages(databases, &mut outage_attempts)?;
             self.record_skipped(databases)?;
             if last_poll.elapsed() >= Duration::from_secs(1) {
@@ -524,6 +527,9 @@ impl Runner {
                 ),
                 "wait until cloudmig.tasks shows phase incremental",
             ));
+        }
+        if let Some(refusal) = super::ddl_watch::paused_refusal(databases) {
+            return Err(refusal);
         }
         let lag = APPLY
             .share()

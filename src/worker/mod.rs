@@ -12,12 +12,14 @@
 pub mod apply;
 pub mod cleanup;
 pub mod database;
+mod ddl_watch;
 pub mod fence;
 pub mod incremental;
 pub mod inspect;
 pub mod jobs;
 pub mod launcher;
 pub mod outage;
+pub mod shape_pause;
 pub mod shared;
 pub mod task;
 pub mod txn;

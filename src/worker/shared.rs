@@ -331,6 +331,19 @@ pub struct ApplySlot {
     /// Set by the apply once that transaction was skipped and the origin
     /// moved past it.
     pub skipped_lsn: u64,
+    /// The apply waits for a local table to fit what the source sent (DDL
+    /// on the source); see `worker::shape_pause`.
+    pub paused: bool,
+    /// Bumped at each new pause, so the task worker reports each one once.
+    pub pause_count: u32,
+    /// The relation, "schema.table".
+    pub pause_relation: FixedText<128>,
+    /// What differs.
+    pub pause_difference: FixedText<1024>,
+    /// What to do: the DDL that makes the local table fit.
+    pub pause_hint: FixedText<4096>,
+    /// Source LSN of the transaction that waits (its commit).
+    pub pause_lsn: u64,
 }
 // SAFETY: plain old data, no pointers.
 unsafe impl PGRXSharedMemory for ApplySlot {}

@@ -580,6 +580,12 @@ fn stream_session(
     let mut flushed = from;
     let mut last_status = Instant::now() - STATUS_INTERVAL;
     let mut last_sent_flushed = flushed;
+    // A source that sends nothing at all, not even the keepalive asked for
+    // every second when idle, is unreachable (a black-holed network keeps
+    // the TCP connection open): as walreceiver does with
+    // wal_receiver_timeout, the session ends and is retried as an outage.
+    let silence_limit = crate::guc::source_timeout();
+    let mut last_heard = Instant::now();
 
     loop {
         if txn::shutdown_requested() {
@@ -602,6 +608,18 @@ fn stream_session(
             .next(wait)
             .map_err(|e| lost("replication stream", &e))?;
         let got_message = message.is_some();
+        if got_message {
+            last_heard = Instant::now();
+        } else if last_heard.elapsed() >= silence_limit {
+            connection.close();
+            return Err(SessionEnd::Retry(Interruption::Stream(Failure {
+                transient: true,
+                ..Failure::new(format!(
+                    "replication stream: the source sent nothing for {} s (cloudmig.source_timeout)",
+                    silence_limit.as_secs()
+                ))
+            })));
+        }
         if got_message && outage.as_ref().is_some_and(|o| o.stream) {
             clear_outage(index, outage);
         }

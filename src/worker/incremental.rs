@@ -24,6 +24,7 @@ use super::ddl_watch::DdlWatch;
 use super::fence::Fence;
 use super::jobs::{Job, Stop};
 use super::shared::{ApplySlot, JobKind, SwitchoverState, APPLY, MAX_JOB_SLOTS, TASK};
+use super::slot_watch::{self, SlotWatch};
 use super::task::Runner;
 use super::txn::{self, Failure};
 use crate::catalog::tasks::{self, Phase, TaskDatabase};
@@ -364,6 +365,30 @@ impl Runner {
         Ok(())
     }
 
+    /// Turns what the slot watch found into warning events, or fails the
+    /// task for a lost slot (never replaced silently by a new one).
+    fn judge_slots(
+        &self,
+        databases: &[TaskDatabase],
+        findings: &[slot_watch::Finding],
+    ) -> Result<(), Stop> {
+        for finding in findings {
+            if let Some(failure) = slot_watch::failure(finding, self.task.id) {
+                return Err(Stop::Failed(failure));
+            }
+            if let (Some(message), slot_watch::Finding::Low { slot, .. }) =
+                (slot_watch::warning(finding), finding)
+            {
+                let datname = databases
+                    .iter()
+                    .find(|d| &d.slot_name == slot)
+                    .map(|d| d.datname.as_str());
+                self.event(datname, "warning", &message)?;
+            }
+        }
+        Ok(())
+    }
+
     fn follow_loop(
         &mut self,
         databases: &[TaskDatabase],
@@ -378,6 +403,8 @@ impl Runner {
         let mut last_poll = Instant::now() - Duration::from_secs(10);
         let mut outage_attempts = vec![0u32; databases.len()];
         let mut ddl_watch = DdlWatch::new(databases.len());
+        let mut slot_watch = SlotWatch::new();
+        let slots: Vec<String> = databases.iter().map(|d| d.slot_name.clone()).collect();
         loop {
             self.check()?;
             self.watch_ddl(databases, &mut ddl_watch, source.is_some())?;
@@ -409,6 +436,14 @@ impl Runner {
                     None => {}
                 }
             }
+            if slot_watch.due() {
+                if let Some(connection) = source.as_mut() {
+                    match slot_watch.look(connection, self.task.id, &slots) {
+                        Ok(findings) => self.judge_slots(databases, &findings)?,
+                        Err(_) => source = None,
+                    }
+                }
+            }
             // A stopped apply worker: its error fails the task, else restart it.
             for (index, worker) in workers.iter_mut().enumerate() {
                 let stopped = worker.as_ref().is_none_or(|w| {
@@ -430,6 +465,15 @@ impl Runner {
                     )
                 };
                 if !error.is_empty() {
+                    // A slot the source invalidated stops the apply with the
+                    // walsender's error: say what happened and what to do.
+                    if let Some(connection) = source.as_mut() {
+                        if let Ok(findings) =
+                            SlotWatch::new().look(connection, self.task.id, &slots)
+                        {
+                            self.judge_slots(databases, &findings)?;
+                        }
+                    }
                     // Final: the apply rides out outages and transient
                     // errors itself, within their windows.
                     let mut failure =

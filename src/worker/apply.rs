@@ -88,6 +88,23 @@ pub fn start_worker(
         })
 }
 
+/// Stops an apply worker and waits until it is gone. pgrx's SIGTERM handler
+/// only sets a flag, which an apply waiting for a lock that a session here
+/// holds would not look at until that session lets go; a cancel (SIGINT,
+/// PostgreSQL's StatementCancelHandler in a worker with a database
+/// connection) ends such a wait, and the apply, finding the shutdown flag set,
+/// leaves. The batch it was in rolls back; the origin did not move.
+pub fn stop_worker(worker: pgrx::bgworkers::DynamicBackgroundWorker) {
+    let pid = worker.pid().ok();
+    let terminated = worker.terminate();
+    if let Some(pid) = pid.filter(|pid| *pid > 0) {
+        // SAFETY: kill(2) on the pid of our own worker, which the postmaster
+        // reported as running.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+    }
+    let _ = terminated.wait_for_shutdown();
+}
+
 /// The names the task worker and the apply worker agree on.
 pub fn origin_name(task_id: i64, ordinal: usize) -> String {
     format!("cloudmig_{task_id}_{ordinal}")

@@ -283,7 +283,7 @@ impl Runner {
         }
         let outcome = self.follow_loop(&databases, &mut workers);
         for worker in workers.into_iter().flatten() {
-            let _ = worker.terminate().wait_for_shutdown();
+            apply::stop_worker(worker);
         }
         outcome
     }
@@ -811,7 +811,7 @@ impl Runner {
         let cleanup_started = Instant::now();
         for worker in workers.iter_mut() {
             if let Some(worker) = worker.take() {
-                let _ = worker.terminate().wait_for_shutdown();
+                apply::stop_worker(worker);
             }
         }
         // The walsenders of the stopped apply workers release the slots a

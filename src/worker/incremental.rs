@@ -575,6 +575,35 @@ impl Runner {
         if let Some(refusal) = super::ddl_watch::paused_refusal(databases) {
             return Err(refusal);
         }
+        // The fence closes the source's databases to new sessions, the
+        // apply's replication connections included: an apply that is
+        // reconnecting after an outage (a walsender ended, a network reset)
+        // would be shut out and the switchover abandoned. Give it a moment
+        // to stream again, then refuse while the source is still writable.
+        let reconnect_until = Instant::now() + request.timeout / 4;
+        loop {
+            let reconnecting = {
+                let slots = APPLY.share();
+                databases
+                    .iter()
+                    .enumerate()
+                    .find(|(index, _)| slots[*index].outage_attempts > 0)
+                    .map(|(index, d)| (d.datname.clone(), slots[index].outage_cause.get()))
+            };
+            let Some((datname, cause)) = reconnecting else {
+                break;
+            };
+            if Instant::now() >= reconnect_until {
+                return Err(Failure::with_hint(
+                    format!(
+                        "the apply of database {datname} is reconnecting to the source ({cause}); \
+                         the fence would shut it out"
+                    ),
+                    "try again once cloudmig.tasks shows no outage (outage_attempts = 0)",
+                ));
+            }
+            txn::nap(Duration::from_millis(200));
+        }
         let lag = APPLY
             .share()
             .iter()
@@ -598,9 +627,17 @@ impl Runner {
         let watch_until = Instant::now() + PACE_WATCH.min(request.timeout / 4);
         while Instant::now() < watch_until {
             let slots = APPLY.share();
+            // An apply that shows no progress over a small lag is usually
+            // between two steps (a commit waiting for the local WAL flush, a
+            // keepalive on its way): watch it too before judging.
             let unknown = (0..databases.len()).any(|index| {
                 let slot = &slots[index];
-                !nothing_to_drain(lag_of(slot), slot.caught_up) && pace.rate(index).is_none()
+                let lag = lag_of(slot);
+                !nothing_to_drain(lag, slot.caught_up)
+                    && match pace.rate(index) {
+                        None => true,
+                        Some(rate) => rate <= 0.0 && lag < CAUGHT_UP_BYTES,
+                    }
             });
             if !unknown {
                 break;

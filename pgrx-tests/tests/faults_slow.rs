@@ -62,7 +62,7 @@ fn the_link_resets_every_few_seconds_for_two_minutes_under_load() {
                          INSERT INTO keyless VALUES ({}, 'load');
                          UPDATE bulk SET pad = 'load {i}' WHERE id = {};",
                         i % 500 + 1,
-                        i % 7,
+                        100 + i % 7,
                         i % 20_000 + 1
                     ))
                     .expect("load");
@@ -82,6 +82,8 @@ fn the_link_resets_every_few_seconds_for_two_minutes_under_load() {
     stop.store(true, Ordering::SeqCst);
     let statements = load.join().expect("the load ran");
     assert!(statements > 0 && resets >= 30);
+    // Its keyless rows (n >= 100) are left alone here: each change to a table without a key
+    // scans it, as PostgreSQL's own apply does.
     write_round(&s.source, 1);
     s.caught_up();
     assert_eq!(s.phase(), "incremental", "{}", events(&s.dest, s.task));

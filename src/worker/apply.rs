@@ -90,20 +90,30 @@ pub fn start_worker(
 
 /// Stops an apply worker and waits until it is gone. pgrx's SIGTERM handler
 /// only sets a flag, which an apply waiting for a lock that a session here
-/// holds would not look at until that session lets go; a cancel (SIGINT,
-/// PostgreSQL's StatementCancelHandler in a worker with a database
-/// connection) ends such a wait, and the apply, finding the shutdown flag set,
-/// leaves. The batch it was in rolls back; the origin did not move.
+/// holds would not look at until that session lets go; when the worker is
+/// still there after [`STOP_GRACE`], a cancel (SIGINT, PostgreSQL's
+/// StatementCancelHandler in a worker with a database connection) ends such
+/// a wait, and the apply, finding the shutdown flag set, leaves. The batch it
+/// was in rolls back; the origin did not move.
 pub fn stop_worker(worker: pgrx::bgworkers::DynamicBackgroundWorker) {
-    let pid = worker.pid().ok();
+    let pid = worker.pid().ok().filter(|pid| *pid > 0);
     let terminated = worker.terminate();
-    if let Some(pid) = pid.filter(|pid| *pid > 0) {
-        // SAFETY: kill(2) on the pid of our own worker, which the postmaster
-        // reported as running.
-        unsafe { libc::kill(pid, libc::SIGINT) };
+    if let Some(pid) = pid {
+        let until = Instant::now() + STOP_GRACE;
+        while Instant::now() < until && super::shared::process_alive(pid) {
+            txn::nap(Duration::from_millis(50));
+        }
+        if super::shared::process_alive(pid) {
+            // SAFETY: kill(2) on the pid of our own worker, which the
+            // postmaster reported as running a moment ago.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
     }
     let _ = terminated.wait_for_shutdown();
 }
+
+/// How long [`stop_worker`] lets an apply worker leave by itself.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// The names the task worker and the apply worker agree on.
 pub fn origin_name(task_id: i64, ordinal: usize) -> String {

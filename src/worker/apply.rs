@@ -744,8 +744,11 @@ fn stream_session(
             slot.last_message_at = now();
         });
         // When idle, ask for a keepalive every second: it carries the end of
-        // the source's WAL, which is how an idle database shows no lag.
-        let idle_poll = idle && last_status.elapsed() >= Duration::from_secs(1);
+        // the source's WAL, which is how an idle database shows no lag. Also
+        // when the source has been quiet for half the silence limit (it may
+        // be busy decoding a large transaction): its answer proves it is there.
+        let quiet = last_heard.elapsed() >= silence_limit / 2;
+        let idle_poll = (idle || quiet) && last_status.elapsed() >= Duration::from_secs(1);
         let moved = flushed > last_sent_flushed && last_status.elapsed() >= FEEDBACK_INTERVAL;
         if reply_requested || moved || last_status.elapsed() >= STATUS_INTERVAL || idle_poll {
             last_sent_flushed = flushed;

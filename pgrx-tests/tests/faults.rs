@@ -288,6 +288,65 @@ fn an_invalidated_slot_fails_the_task_with_an_explanation_after_a_warning() {
 }
 
 #[test]
+fn a_slot_invalidated_during_the_copy_fails_the_task_before_the_apply_starts() {
+    let s = scenario(
+        "f-slot-copy",
+        BULK_ROWS,
+        "",
+        &["max_slot_wal_keep_size = 48MB"],
+        &[],
+        // ~16 s of copy.
+        |p| p.set_rate(Direction::Down, Some(SLOW_LINK / 4)),
+    );
+    s.wait("full_copy");
+    s.source.execute(
+        "app",
+        "DO $$ BEGIN FOR i IN 1..5 LOOP \
+           PERFORM pg_logical_emit_message(false, 'fill', 'x'); PERFORM pg_switch_wal(); \
+         END LOOP; END $$",
+    );
+    poll_until(
+        &s.dest,
+        "postgres",
+        &format!(
+            "SELECT count(*) > 0 FROM cloudmig.events WHERE task_id = {} AND kind = 'warning' \
+                AND message LIKE '%may be invalidated soon%'",
+            s.task
+        ),
+        "t",
+        TIMEOUT,
+    );
+    s.source.execute("postgres", "CHECKPOINT");
+    s.wait("failed");
+    s.proxy.set_rate(Direction::Down, None);
+    let (error, failed_in): (String, String) = {
+        let row = s
+            .dest
+            .client("postgres")
+            .query_one(
+                "SELECT last_error, failed_in FROM cloudmig.tasks WHERE task_id = $1",
+                &[&s.task],
+            )
+            .expect("the failed task's row");
+        (row.get(0), row.get(1))
+    };
+    assert!(error.contains("was invalidated by the source"), "{error}");
+    assert_eq!(failed_in, "full_copy");
+    s.dest
+        .execute("postgres", &format!("SELECT cloudmig.cancel({})", s.task));
+    assert_verdict(
+        &s.source,
+        &s.dest,
+        s.task,
+        Expect {
+            phase: "cancelled",
+            events: &["may be invalidated soon"],
+            databases: &[],
+        },
+    );
+}
+
+#[test]
 fn truncate_sequences_and_large_objects_after_the_copy() {
     let s = scenario(
         "f-shapes",

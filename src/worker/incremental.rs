@@ -367,7 +367,7 @@ impl Runner {
 
     /// Turns what the slot watch found into warning events, or fails the
     /// task for a lost slot (never replaced silently by a new one).
-    fn judge_slots(
+    pub(super) fn judge_slots(
         &self,
         databases: &[TaskDatabase],
         findings: &[slot_watch::Finding],

@@ -1,6 +1,7 @@
 //! What the task worker watches of its replication slots on the source while
-//! it follows the apply (catch-up and incremental): how much WAL the source
-//! may still write before it drops what a slot needs.
+//! it copies (the slots hold WAL from their snapshot on) and while it follows
+//! the apply (catch-up and incremental): how much WAL the source may still
+//! write before it drops what a slot needs.
 //!
 //! A source with `max_slot_wal_keep_size` set invalidates a slot whose
 //! consumer falls that far behind (`pg_replication_slots.wal_status` becomes
@@ -144,6 +145,12 @@ impl SlotWatch {
     /// Whether it is time for a look.
     pub(super) fn due(&self) -> bool {
         self.last_check.elapsed() >= CHECK_INTERVAL
+    }
+
+    /// Counts a look that could not be made (the source is away): the next
+    /// one waits a whole interval.
+    pub(super) fn missed(&mut self) {
+        self.last_check = Instant::now();
     }
 
     /// Asks the source about `slots`. An error here is the caller's to judge

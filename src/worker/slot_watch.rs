@@ -88,8 +88,9 @@ pub fn failure(finding: &Finding, task_id: i64) -> Option<Failure> {
     let (slot, what) = match finding {
         Finding::Lost { slot } => (
             slot,
-            "was invalidated by the source (wal_status lost): the apply fell more than \
-             max_slot_wal_keep_size behind and the source removed WAL the migration still needed",
+            "was invalidated by the source (wal_status lost): the migration (a long copy, or \
+             an apply that lagged or stopped) fell more than max_slot_wal_keep_size behind and \
+             the source removed WAL it still needed",
         ),
         Finding::Missing { slot } => (
             slot,
@@ -119,8 +120,9 @@ pub fn warning(finding: &Finding) -> Option<String> {
     };
     Some(format!(
         "replication slot {slot} may be invalidated soon: the source can write only {} MB more \
-         WAL before it (safe_wal_size, under {:.0}% of max_slot_wal_keep_size = {} MB); the apply \
-         is behind: look at its lag and errors, or raise max_slot_wal_keep_size on the source",
+         WAL before it (safe_wal_size, under {:.0}% of max_slot_wal_keep_size = {} MB); the \
+         migration is behind (a long copy, or an apply lagging or stopped: see cloudmig.tasks), or \
+         raise max_slot_wal_keep_size on the source",
         safe_bytes / (1024 * 1024),
         WARN_FRACTION * 100.0,
         keep_bytes / (1024 * 1024)

@@ -14,7 +14,8 @@
 //! - no fixed sleeps: start-up waits with `pg_ctl -w`, everything else polls with [`poll_until`].
 //!
 //! [`proxy`] sits between cloudmig and a source to inject network faults (black-hole, reset,
-//! delay, rate); [`verdict`] is the check every fault scenario ends with.
+//! delay, rate); [`faults`] builds the fault scenarios' clusters, proxy and task, and
+//! [`verdict`] is the check every one of them ends with.
 //!
 //! [`bench`] is `make bench`: cloudmig against its peers on the same data (the README's
 //! Performance section).

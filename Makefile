@@ -2,6 +2,7 @@
 #
 #   make demo   a real assessment between two local PostgreSQL clusters
 #   make test   every test: formatting, lints, unit, SQL-surface and end-to-end
+#   make e2e-slow  the long fault-injection scenarios (tests/faults_slow.rs); CI runs it too
 #   make bench  cloudmig against pg_dump, pgcopydb, native replication and pglogical
 #
 # Each installs what it needs first (scripts/setup.sh, idempotent; the benchmark also
@@ -13,7 +14,7 @@ PG_CONFIG ?= /usr/bin/pg_config
 PGRX_TEST_PGDATA ?= /tmp/cloudmig-pgrx-test-data
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo --sudo)
 
-.PHONY: demo test setup install lint unit e2e setup-bench bench
+.PHONY: demo test setup install lint unit e2e e2e-slow setup-bench bench
 
 setup:
 	scripts/setup.sh
@@ -33,6 +34,10 @@ e2e: install
 	cargo test -p cloudmig-e2e --tests -- --test-threads=2
 
 test: lint unit e2e
+
+# The fault-injection scenarios that take minutes each (ignored by `make e2e`).
+e2e-slow: install
+	cargo test -p cloudmig-e2e --test faults_slow -- --ignored --test-threads=2
 
 demo: install
 	cargo run -q -p cloudmig-e2e --bin cloudmig-demo

@@ -366,6 +366,62 @@ impl Cluster {
         self.run_or_panic(&mut start, "start");
     }
 
+    /// A crash of one process: `kill -9` of every backend of `backend_type` (as
+    /// `pg_stat_activity` shows it, e.g. `cloudmig apply`, `cloudmig task`, `walsender`), then
+    /// waits until the server accepts connections again (the postmaster reinitialises after a
+    /// backend dies by a signal, as after any crash). Returns how many processes were killed.
+    pub fn kill9(&self, backend_type: &str) -> usize {
+        let mut client = self.client("postgres");
+        let pids: Vec<i32> = client
+            .query(
+                "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = $1",
+                &[&backend_type],
+            )
+            .unwrap_or_else(|e| panic!("cluster {}: {}", self.name, describe(&e)))
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let checkpointer = self.checkpointer_pid(&mut client);
+        drop(client);
+        for pid in &pids {
+            // SAFETY: kill(2) with a pid PostgreSQL just reported as its own backend.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        if !pids.is_empty() {
+            // The postmaster resets asynchronously: a session may still get in just before it
+            // does. The reset is over once a new checkpointer runs and sessions are accepted.
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let now = self
+                    .try_client("postgres")
+                    .ok()
+                    .map(|mut c| self.checkpointer_pid(&mut c));
+                if matches!(now, Some(Some(pid)) if Some(pid) != checkpointer) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cluster {} did not come back after kill -9 of {backend_type}\n{}",
+                    self.name,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        pids.len()
+    }
+
+    fn checkpointer_pid(&self, client: &mut Client) -> Option<i32> {
+        client
+            .query_opt(
+                "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = 'checkpointer'",
+                &[],
+            )
+            .ok()
+            .flatten()
+            .map(|row| row.get(0))
+    }
+
     /// `pg_ctl reload`. Asynchronous like PostgreSQL's own: wait for the effect with
     /// [`crate::poll_until`] (e.g. on `SHOW setting`).
     pub fn reload(&self) {

@@ -13,6 +13,10 @@
 //!   run left behind cannot collide with a new run (and the next run reaps it, see `workdir`);
 //! - no fixed sleeps: start-up waits with `pg_ctl -w`, everything else polls with [`poll_until`].
 //!
+//! [`proxy`] sits between cloudmig and a source to inject network faults (black-hole, reset,
+//! delay, rate); [`faults`] builds the fault scenarios' clusters, proxy and task, and
+//! [`verdict`] is the check every one of them ends with.
+//!
 //! [`bench`] is `make bench`: cloudmig against its peers on the same data (the README's
 //! Performance section).
 //!
@@ -22,10 +26,13 @@
 pub mod bench;
 mod cluster;
 pub mod compare;
+pub mod faults;
 pub mod fixture;
 pub mod migration;
 mod pgbin;
 mod poll;
+pub mod proxy;
+pub mod verdict;
 mod workdir;
 
 pub use cluster::{Cluster, ClusterBuilder};

@@ -10,8 +10,16 @@ pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
 /// Assesses `source` (as its `postgres` superuser over TCP) and starts a task with `options`
 /// (JSON); returns the task id.
 pub fn start_task(dest: &Cluster, source: &Cluster, options: &str) -> i64 {
+    start_task_via(
+        dest,
+        &source.tcp_conninfo("postgres", None, "postgres"),
+        options,
+    )
+}
+
+/// [`start_task`] with the source at `conninfo` (e.g. through a [`crate::proxy::Proxy`]).
+pub fn start_task_via(dest: &Cluster, conninfo: &str, options: &str) -> i64 {
     let mut client = dest.client("postgres");
-    let conninfo = source.tcp_conninfo("postgres", None, "postgres");
     let assessment: i64 = client
         .query_one("SELECT cloudmig.assess($1)", &[&conninfo])
         .expect("assess")
@@ -23,6 +31,18 @@ pub fn start_task(dest: &Cluster, source: &Cluster, options: &str) -> i64 {
         )
         .unwrap_or_else(|e| panic!("start: {e:?}"))
         .get(0)
+}
+
+/// Runs the switchover of `task` with `options` (JSON) and waits until it is completed; panics
+/// with the task's events if it is refused or fails.
+pub fn switchover(dest: &Cluster, task: i64, options: &str) {
+    dest.client("postgres")
+        .query_one(
+            "SELECT downtime_ms FROM cloudmig.switchover($1, $2::text::jsonb)",
+            &[&task, &options],
+        )
+        .unwrap_or_else(|e| panic!("switchover: {e:?}\n{}", events(dest, task)));
+    wait_phase(dest, task, "completed");
 }
 
 /// Blocks (in `cloudmig.wait`) until task `task` reaches `phase`; panics with its events if not.

@@ -88,6 +88,33 @@ pub fn start_worker(
         })
 }
 
+/// Stops an apply worker and waits until it is gone. pgrx's SIGTERM handler
+/// only sets a flag, which an apply waiting for a lock that a session here
+/// holds would not look at until that session lets go; when the worker is
+/// still there after [`STOP_GRACE`], a cancel (SIGINT, PostgreSQL's
+/// StatementCancelHandler in a worker with a database connection) ends such
+/// a wait, and the apply, finding the shutdown flag set, leaves. The batch it
+/// was in rolls back; the origin did not move.
+pub fn stop_worker(worker: pgrx::bgworkers::DynamicBackgroundWorker) {
+    let pid = worker.pid().ok().filter(|pid| *pid > 0);
+    let terminated = worker.terminate();
+    if let Some(pid) = pid {
+        let until = Instant::now() + STOP_GRACE;
+        while Instant::now() < until && super::shared::process_alive(pid) {
+            txn::nap(Duration::from_millis(50));
+        }
+        if super::shared::process_alive(pid) {
+            // SAFETY: kill(2) on the pid of our own worker, which the
+            // postmaster reported as running a moment ago.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+    }
+    let _ = terminated.wait_for_shutdown();
+}
+
+/// How long [`stop_worker`] lets an apply worker leave by itself.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// The names the task worker and the apply worker agree on.
 pub fn origin_name(task_id: i64, ordinal: usize) -> String {
     format!("cloudmig_{task_id}_{ordinal}")
@@ -580,6 +607,12 @@ fn stream_session(
     let mut flushed = from;
     let mut last_status = Instant::now() - STATUS_INTERVAL;
     let mut last_sent_flushed = flushed;
+    // A source that sends nothing at all, not even the keepalive asked for
+    // every second when idle, is unreachable (a black-holed network keeps
+    // the TCP connection open): as walreceiver does with
+    // wal_receiver_timeout, the session ends and is retried as an outage.
+    let silence_limit = crate::guc::source_timeout();
+    let mut last_heard = Instant::now();
 
     loop {
         if txn::shutdown_requested() {
@@ -602,6 +635,18 @@ fn stream_session(
             .next(wait)
             .map_err(|e| lost("replication stream", &e))?;
         let got_message = message.is_some();
+        if got_message {
+            last_heard = Instant::now();
+        } else if last_heard.elapsed() >= silence_limit {
+            connection.close();
+            return Err(SessionEnd::Retry(Interruption::Stream(Failure {
+                transient: true,
+                ..Failure::new(format!(
+                    "replication stream: the source sent nothing for {} s (cloudmig.source_timeout)",
+                    silence_limit.as_secs()
+                ))
+            })));
+        }
         if got_message && outage.as_ref().is_some_and(|o| o.stream) {
             clear_outage(index, outage);
         }
@@ -699,8 +744,11 @@ fn stream_session(
             slot.last_message_at = now();
         });
         // When idle, ask for a keepalive every second: it carries the end of
-        // the source's WAL, which is how an idle database shows no lag.
-        let idle_poll = idle && last_status.elapsed() >= Duration::from_secs(1);
+        // the source's WAL, which is how an idle database shows no lag. Also
+        // when the source has been quiet for half the silence limit (it may
+        // be busy decoding a large transaction): its answer proves it is there.
+        let quiet = last_heard.elapsed() >= silence_limit / 2;
+        let idle_poll = (idle || quiet) && last_status.elapsed() >= Duration::from_secs(1);
         let moved = flushed > last_sent_flushed && last_status.elapsed() >= FEEDBACK_INTERVAL;
         if reply_requested || moved || last_status.elapsed() >= STATUS_INTERVAL || idle_poll {
             last_sent_flushed = flushed;

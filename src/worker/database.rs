@@ -113,6 +113,16 @@ fn open_session(database: &str, snapshot: &str) -> Result<Session, Failure> {
     })
 }
 
+/// A failure copying sequences, large objects or refreshing materialized
+/// views; one that comes from losing the source stays transient, so the task
+/// worker retries instead of failing the task.
+fn objects_failure(error: crate::copy::objects::ObjectsError) -> Failure {
+    match error {
+        crate::copy::objects::ObjectsError::Source(error) => source_failure(error),
+        other => Failure::new(other.to_string()),
+    }
+}
+
 fn source_failure(error: crate::source::SourceError) -> Failure {
     Failure::from_source("", &error)
 }
@@ -174,7 +184,7 @@ fn run_job(
             txn::run(|| {
                 objects::copy_sequences(connection)
                     .map(|_| ())
-                    .map_err(|e| Failure::new(e.to_string()))
+                    .map_err(objects_failure)
             })
         }
         JobKind::CopyLargeObjects => {
@@ -182,7 +192,7 @@ fn run_job(
             txn::run(|| {
                 objects::copy_large_objects(connection)
                     .map(|_| ())
-                    .map_err(|e| Failure::new(e.to_string()))
+                    .map_err(objects_failure)
             })
         }
         JobKind::RefreshMaterializedViews => {
@@ -190,7 +200,7 @@ fn run_job(
             txn::run(|| {
                 objects::refresh_materialized_views(connection, job.caller)
                     .map(|_| ())
-                    .map_err(|e| Failure::new(e.to_string()))
+                    .map_err(objects_failure)
             })
         }
         JobKind::CountRows => count_rows(&job.path.get(), job.checksums),

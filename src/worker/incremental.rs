@@ -24,6 +24,7 @@ use super::ddl_watch::DdlWatch;
 use super::fence::Fence;
 use super::jobs::{Job, Stop};
 use super::shared::{ApplySlot, JobKind, SwitchoverState, APPLY, MAX_JOB_SLOTS, TASK};
+use super::slot_watch::{self, SlotWatch};
 use super::task::Runner;
 use super::txn::{self, Failure};
 use crate::catalog::tasks::{self, Phase, TaskDatabase};
@@ -282,7 +283,7 @@ impl Runner {
         }
         let outcome = self.follow_loop(&databases, &mut workers);
         for worker in workers.into_iter().flatten() {
-            let _ = worker.terminate().wait_for_shutdown();
+            apply::stop_worker(worker);
         }
         outcome
     }
@@ -364,6 +365,30 @@ impl Runner {
         Ok(())
     }
 
+    /// Turns what the slot watch found into warning events, or fails the
+    /// task for a lost slot (never replaced silently by a new one).
+    pub(super) fn judge_slots(
+        &self,
+        databases: &[TaskDatabase],
+        findings: &[slot_watch::Finding],
+    ) -> Result<(), Stop> {
+        for finding in findings {
+            if let Some(failure) = slot_watch::failure(finding, self.task.id) {
+                return Err(Stop::Failed(failure));
+            }
+            if let (Some(message), slot_watch::Finding::Low { slot, .. }) =
+                (slot_watch::warning(finding), finding)
+            {
+                let datname = databases
+                    .iter()
+                    .find(|d| &d.slot_name == slot)
+                    .map(|d| d.datname.as_str());
+                self.event(datname, "warning", &message)?;
+            }
+        }
+        Ok(())
+    }
+
     fn follow_loop(
         &mut self,
         databases: &[TaskDatabase],
@@ -378,6 +403,8 @@ impl Runner {
         let mut last_poll = Instant::now() - Duration::from_secs(10);
         let mut outage_attempts = vec![0u32; databases.len()];
         let mut ddl_watch = DdlWatch::new(databases.len());
+        let mut slot_watch = SlotWatch::new();
+        let slots: Vec<String> = databases.iter().map(|d| d.slot_name.clone()).collect();
         loop {
             self.check()?;
             self.watch_ddl(databases, &mut ddl_watch, source.is_some())?;
@@ -409,6 +436,14 @@ impl Runner {
                     None => {}
                 }
             }
+            if slot_watch.due() {
+                if let Some(connection) = source.as_mut() {
+                    match slot_watch.look(connection, self.task.id, &slots) {
+                        Ok(findings) => self.judge_slots(databases, &findings)?,
+                        Err(_) => source = None,
+                    }
+                }
+            }
             // A stopped apply worker: its error fails the task, else restart it.
             for (index, worker) in workers.iter_mut().enumerate() {
                 let stopped = worker.as_ref().is_none_or(|w| {
@@ -430,6 +465,15 @@ impl Runner {
                     )
                 };
                 if !error.is_empty() {
+                    // A slot the source invalidated stops the apply with the
+                    // walsender's error: say what happened and what to do.
+                    if let Some(connection) = source.as_mut() {
+                        if let Ok(findings) =
+                            SlotWatch::new().look(connection, self.task.id, &slots)
+                        {
+                            self.judge_slots(databases, &findings)?;
+                        }
+                    }
                     // Final: the apply rides out outages and transient
                     // errors itself, within their windows.
                     let mut failure =
@@ -531,6 +575,35 @@ impl Runner {
         if let Some(refusal) = super::ddl_watch::paused_refusal(databases) {
             return Err(refusal);
         }
+        // The fence closes the source's databases to new sessions, the
+        // apply's replication connections included: an apply that is
+        // reconnecting after an outage (a walsender ended, a network reset)
+        // would be shut out and the switchover abandoned. Give it a moment
+        // to stream again, then refuse while the source is still writable.
+        let reconnect_until = Instant::now() + request.timeout / 4;
+        loop {
+            let reconnecting = {
+                let slots = APPLY.share();
+                databases
+                    .iter()
+                    .enumerate()
+                    .find(|(index, _)| slots[*index].outage_attempts > 0)
+                    .map(|(index, d)| (d.datname.clone(), slots[index].outage_cause.get()))
+            };
+            let Some((datname, cause)) = reconnecting else {
+                break;
+            };
+            if Instant::now() >= reconnect_until {
+                return Err(Failure::with_hint(
+                    format!(
+                        "the apply of database {datname} is reconnecting to the source ({cause}); \
+                         the fence would shut it out"
+                    ),
+                    "try again once cloudmig.tasks shows no outage (outage_attempts = 0)",
+                ));
+            }
+            txn::nap(Duration::from_millis(200));
+        }
         let lag = APPLY
             .share()
             .iter()
@@ -554,9 +627,17 @@ impl Runner {
         let watch_until = Instant::now() + PACE_WATCH.min(request.timeout / 4);
         while Instant::now() < watch_until {
             let slots = APPLY.share();
+            // An apply that shows no progress over a small lag is usually
+            // between two steps (a commit waiting for the local WAL flush, a
+            // keepalive on its way): watch it too before judging.
             let unknown = (0..databases.len()).any(|index| {
                 let slot = &slots[index];
-                !nothing_to_drain(lag_of(slot), slot.caught_up) && pace.rate(index).is_none()
+                let lag = lag_of(slot);
+                !nothing_to_drain(lag, slot.caught_up)
+                    && match pace.rate(index) {
+                        None => true,
+                        Some(rate) => rate <= 0.0 && lag < CAUGHT_UP_BYTES,
+                    }
             });
             if !unknown {
                 break;
@@ -767,7 +848,7 @@ impl Runner {
         let cleanup_started = Instant::now();
         for worker in workers.iter_mut() {
             if let Some(worker) = worker.take() {
-                let _ = worker.terminate().wait_for_shutdown();
+                apply::stop_worker(worker);
             }
         }
         // The walsenders of the stopped apply workers release the slots a

@@ -21,5 +21,6 @@ pub mod launcher;
 pub mod outage;
 pub mod shape_pause;
 pub mod shared;
+mod slot_watch;
 pub mod task;
 pub mod txn;

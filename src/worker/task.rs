@@ -26,6 +26,7 @@
 use super::jobs::{self, Job, JobResult, Stop};
 use super::outage::Outage;
 use super::shared::{self, JobKind, TASK};
+use super::slot_watch::SlotWatch;
 use super::txn::{self, Failure};
 use crate::catalog::secrets;
 use crate::catalog::tasks::{self, Phase, PlannedTable, TableCopy, Task, TaskDatabase};
@@ -652,15 +653,65 @@ impl Runner {
         on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
         on_done: &mut dyn FnMut(&Job, JobResult) -> Result<(), Failure>,
     ) -> Result<(), Stop> {
+        let watch = std::cell::RefCell::new((SlotWatch::new(), None));
         jobs::run(
             self.task.id,
             database,
             jobs,
             workers,
-            &|| self.should_stop(),
+            &|| {
+                self.should_stop()
+                    .or_else(|| self.watch_slots_while_copying(&watch))
+            },
             on_assign,
             on_done,
         )
+    }
+
+    /// While the copy runs, the slots already created hold the source's WAL:
+    /// a source with `max_slot_wal_keep_size` may invalidate them before the
+    /// apply even starts. Warns and fails as the follow loop does (see
+    /// [`super::slot_watch`]); a source away now is the copy's to notice.
+    fn watch_slots_while_copying(
+        &self,
+        watch: &std::cell::RefCell<(SlotWatch, Option<Connection>)>,
+    ) -> Option<Stop> {
+        if !matches!(
+            self.task.phase,
+            Phase::Schema | Phase::FullCopy | Phase::PostData
+        ) {
+            return None;
+        }
+        let mut guard = watch.borrow_mut();
+        let (watch, source) = &mut *guard;
+        if !watch.due() {
+            return None;
+        }
+        let databases = self.databases().ok()?;
+        let slots: Vec<String> = databases
+            .iter()
+            .filter(|d| d.state != "pending")
+            .map(|d| d.slot_name.clone())
+            .collect();
+        if slots.is_empty() {
+            watch.missed();
+            return None;
+        }
+        if source.is_none() {
+            *source = self.connect(&databases[0].datname, false).ok();
+        }
+        let Some(connection) = source.as_mut() else {
+            watch.missed();
+            return None;
+        };
+        let findings = match watch.look(connection, self.task.id, &slots) {
+            Ok(findings) => findings,
+            Err(_) => {
+                *source = None;
+                return None;
+            }
+        };
+        self.judge_slots(&databases, &findings).err()
     }
 
     /// Writes a script for an ApplyScript job, once it is known to read as

@@ -195,6 +195,14 @@ pub fn local_error_is_transient(sqlstate: Option<pgrx::PgSqlErrorCode>) -> bool 
     )
 }
 
+/// An exported snapshot that can no longer be imported: the replication
+/// connection that exported it ended with the source's restart or a network
+/// loss, which the task worker may notice only when a session imports it. The
+/// retry resumes the copy, taking a fresh snapshot from a temporary slot.
+fn snapshot_gone(error: &crate::source::ServerError) -> bool {
+    error.code == "22023" && error.message.starts_with("invalid snapshot identifier")
+}
+
 /// Errors that mean "the source is not there right now" rather than "this
 /// cannot work": the network, a restart, no free connection slot.
 pub fn source_unavailable(error: &crate::source::SourceError) -> bool {
@@ -204,10 +212,12 @@ pub fn source_unavailable(error: &crate::source::SourceError) -> bool {
             true
         }
         Io { .. } | Closed { .. } | Broken { .. } => true,
-        Server(e) => matches!(
-            e.code.as_str(),
-            "57P01" | "57P02" | "57P03" | "53300" | "08000" | "08003" | "08006"
-        ),
+        Server(e) => {
+            matches!(
+                e.code.as_str(),
+                "57P01" | "57P02" | "57P03" | "53300" | "08000" | "08003" | "08006"
+            ) || snapshot_gone(e)
+        }
         _ => false,
     }
 }

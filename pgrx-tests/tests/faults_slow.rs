@@ -1,0 +1,172 @@
+//! End to end, fault injection: the long scenarios (minutes each), ignored by `make test` and
+//! run by `make e2e-slow` (CI runs both): the link to the source resets every few seconds for
+//! two minutes under load, a ~1 GB transaction with savepoints is decoded with 64 kB of memory,
+//! and 10^5 nextval calls on descending, cycling and identity sequences happen during the apply.
+//! Each ends with the verdict of tests/faults.rs.
+
+use cloudmig_e2e::compare::assert_same_sequences;
+use cloudmig_e2e::faults::{scenario, write_round, Scenario};
+use cloudmig_e2e::migration::events;
+use cloudmig_e2e::verdict::{assert_verdict, Expect};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn completed(s: &Scenario, expected_events: &[&str]) {
+    s.switchover();
+    assert_verdict(
+        &s.source,
+        &s.dest,
+        s.task,
+        Expect {
+            phase: "completed",
+            events: expected_events,
+            databases: &["app"],
+        },
+    );
+}
+
+#[test]
+#[ignore = "slow: run by `make e2e-slow`"]
+fn the_link_resets_every_few_seconds_for_two_minutes_under_load() {
+    let s = scenario(
+        "fs-resets",
+        20_000,
+        "",
+        &[],
+        &[
+            "cloudmig.source_timeout = 5",
+            "cloudmig.source_retry_timeout = 120",
+        ],
+        |_| {},
+    );
+    s.wait("incremental");
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = Arc::clone(&stop);
+        let (socket, port) = (s.source.socket_dir.clone(), s.source.port);
+        std::thread::spawn(move || {
+            let mut client = cloudmig_e2e::postgres::Config::new()
+                .host_path(&socket)
+                .port(port)
+                .user("postgres")
+                .dbname("app")
+                .connect(cloudmig_e2e::postgres::NoTls)
+                .expect("load client");
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO items (name) VALUES ('load {i}');
+                         UPDATE items SET name = name || '.' WHERE id = {};
+                         INSERT INTO keyless VALUES ({}, 'load');
+                         UPDATE bulk SET pad = 'load {i}' WHERE id = {};",
+                        i % 500 + 1,
+                        100 + i % 7,
+                        i % 20_000 + 1
+                    ))
+                    .expect("load");
+                i += 1;
+            }
+            i
+        })
+    };
+    let started = Instant::now();
+    let mut resets = 0;
+    while started.elapsed() < Duration::from_secs(120) {
+        // The interval between two resets, not a wait for an outcome.
+        std::thread::sleep(Duration::from_secs(3));
+        s.proxy.reset(Duration::from_millis(300));
+        resets += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let statements = load.join().expect("the load ran");
+    assert!(statements > 0 && resets >= 30);
+    // Its keyless rows (n >= 100) are left alone here: each change to a table without a key
+    // scans it, as PostgreSQL's own apply does.
+    write_round(&s.source, 1);
+    s.caught_up();
+    assert_eq!(s.phase(), "incremental", "{}", events(&s.dest, s.task));
+    completed(&s, &["retrying", "streaming again"]);
+}
+
+#[test]
+#[ignore = "slow: run by `make e2e-slow`"]
+fn a_1_gb_transaction_with_savepoints_under_64kb_of_decoding_memory() {
+    let s = scenario(
+        "fs-1gb",
+        1000,
+        "",
+        &["logical_decoding_work_mem = 64kB", "max_wal_size = 4GB"],
+        &["max_wal_size = 4GB"],
+        |_| {},
+    );
+    s.wait("incremental");
+    // 1,000,000 rows of ~1 kB: a quarter is rolled back to a savepoint, so ~750 MB arrive.
+    let chunk = |from: u64| {
+        format!(
+            "INSERT INTO bulk SELECT i, repeat(md5(i::text), 31) FROM generate_series({}, {}) i;",
+            from,
+            from + 249_999
+        )
+    };
+    s.source.execute(
+        "app",
+        &format!(
+            "BEGIN; {} SAVEPOINT one; {} SAVEPOINT two; {} ROLLBACK TO SAVEPOINT two; \
+             RELEASE SAVEPOINT one; {} UPDATE items SET name = name || ' in the big one'; COMMIT;",
+            chunk(1_000_001),
+            chunk(1_250_001),
+            chunk(1_500_001),
+            chunk(1_750_001)
+        ),
+    );
+    s.caught_up();
+    let rows: i64 = s
+        .dest
+        .query_scalar("app", "SELECT count(*) FROM bulk WHERE id > 1000000");
+    assert_eq!(rows, 750_000);
+    completed(&s, &[]);
+}
+
+#[test]
+#[ignore = "slow: run by `make e2e-slow`"]
+fn a_hundred_thousand_nextval_on_descending_cycling_and_identity_sequences_during_the_apply() {
+    let s = scenario(
+        "fs-nextval",
+        1000,
+        "CREATE SEQUENCE down INCREMENT BY -3 MINVALUE -1000000000 MAXVALUE -1 START -1;
+         CREATE SEQUENCE cycling MINVALUE 1 MAXVALUE 97 CYCLE CACHE 10;
+         CREATE TABLE counted (id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, v int);",
+        &[],
+        &[],
+        |_| {},
+    );
+    s.wait("incremental");
+    s.source.execute(
+        "app",
+        "SELECT count(nextval('down')) FROM generate_series(1, 100000);
+         SELECT count(nextval('cycling')) FROM generate_series(1, 100000);
+         INSERT INTO counted (v) SELECT generate_series(1, 100000);
+         SELECT count(nextval('items_id_seq')) FROM generate_series(1, 100000);",
+    );
+    // One by one too, as an application does, while the apply runs.
+    let mut client = s.source.client("app");
+    for _ in 0..1000 {
+        client
+            .batch_execute(
+                "SELECT nextval('down'), nextval('cycling'); INSERT INTO counted (v) VALUES (0)",
+            )
+            .expect("nextval");
+    }
+    s.caught_up();
+    completed(&s, &[]);
+    assert_same_sequences(&s.source, &s.dest, "app");
+    let next: i64 = s
+        .dest
+        .query_scalar("app", "INSERT INTO counted (v) VALUES (1) RETURNING id");
+    assert_eq!(
+        next, 101_001,
+        "the identity goes on where the source's stopped"
+    );
+}

@@ -80,6 +80,7 @@ fn copy_once(
         (Tool::Native, _) => tools::stream_native(source, &dest, dbs, timeout),
         (Tool::Pglogical, _) => tools::stream_pglogical(source, &dest, dbs, timeout),
         (Tool::Cloudmig, None) => unreachable!("cloudmig was assessed above"),
+        (Tool::Decoding, _) => Err(format!("{tool} does not copy")),
     };
     let wall = secs(started);
     let phases = match result {

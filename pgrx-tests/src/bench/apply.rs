@@ -124,7 +124,8 @@ const WALSENDER_PIDS: &str = "SELECT active_pid FROM pg_replication_slots \
      WHERE database = 'bench' AND slot_type = 'logical' AND active_pid IS NOT NULL";
 /// The applying processes on the destination, by the backend type each tool's worker has.
 const APPLIER_PIDS: &str = "SELECT pid FROM pg_stat_activity WHERE datname = 'bench' \
-     AND backend_type IN ('cloudmig apply', 'logical replication worker', 'pglogical apply')";
+     AND (backend_type IN ('cloudmig apply', 'logical replication worker') \
+          OR backend_type LIKE 'pglogical apply%')";
 
 /// CPU of the walsender and the applier over a drain, per transaction of the backlog.
 fn record_cpu(outcome: &mut Outcome, side: &str, meter: &mut Meter, transactions: u64) {
@@ -145,10 +146,11 @@ fn record_cpu(outcome: &mut Outcome, side: &str, meter: &mut Meter, transactions
 fn decoding_alone(bench: &Bench, outcome: &mut Outcome) -> Status {
     let source = &bench.source;
     let opts = &bench.opts;
+    // Two statements, two transactions: a slot cannot be made in one that wrote.
+    source.execute(BENCH_DB, "CREATE PUBLICATION bench_decode FOR ALL TABLES");
     source.execute(
         BENCH_DB,
-        "CREATE PUBLICATION bench_decode FOR ALL TABLES; \
-         SELECT pg_create_logical_replication_slot('bench_decode', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('bench_decode', 'pgoutput')",
     );
     let mut pgbench = source.command("pgbench");
     pgbench.args([

@@ -47,6 +47,49 @@ pub fn peak_rss_bytes(pid: i32) -> Option<f64> {
     })
 }
 
+/// Fields of `/proc/<pid>/stat` after the command name, from field 3 (state) on.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// CPU seconds a whole cluster has used so far: the postmaster's own, its reaped children's
+/// (`cutime + cstime`: backends that already ended, such as a dump's connections), and its
+/// live children's. `None` when the postmaster is not found.
+pub fn cluster_cpu_seconds(cluster: &Cluster) -> Option<f64> {
+    let pid_file = std::fs::read_to_string(cluster.data_dir.join("postmaster.pid")).ok()?;
+    let postmaster: i32 = pid_file.lines().next()?.trim().parse().ok()?;
+    let fields = stat_fields(postmaster)?;
+    // utime, stime, cutime, cstime: fields 14 to 17 of the line, 12 to 15 after the name.
+    let own: f64 = fields
+        .get(11..15)?
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    let mut children = 0.0;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Some(fields) = stat_fields(pid) else {
+            continue;
+        };
+        // Field 4, the parent: 2 after the name.
+        if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(postmaster) {
+            children += fields
+                .get(11..13)
+                .map(|t| t.iter().map(|f| f.parse::<f64>().unwrap_or(0.0)).sum())
+                .unwrap_or(0.0);
+        }
+    }
+    Some((own + children) / ticks_per_second())
+}
+
 /// The pids `sql` (one integer column) returns on `cluster`; none when the query fails.
 pub fn pids(cluster: &Cluster, db: &str, sql: &str) -> Vec<i32> {
     match cluster.try_client(db) {

@@ -255,23 +255,35 @@ pub fn markdown(info: &RunInfo, outcomes: &[Outcome]) -> String {
     if present(Section::Copy) {
         let wall = spreads(outcomes, Section::Copy, "seconds");
         let rate = spreads(outcomes, Section::Copy, "mb_per_s");
+        let source_cpu = spreads(outcomes, Section::Copy, "source_cpu_s_per_gb");
+        let dest_cpu = spreads(outcomes, Section::Copy, "destination_cpu_s_per_gb");
+        let rss = spreads(outcomes, Section::Copy, "worker_peak_rss_mb");
         md.push_str("### Full copy\n\n");
         md.push_str(
-            "| tool | seconds | MB/s | cloudmig time ÷ this | phases (median s) | passed |\n",
+            "| tool | seconds | MB/s | cloudmig time ÷ this | source CPU s/GB | destination CPU s/GB | worker peak RSS MB | phases (median s) | passed |\n",
         );
-        md.push_str("|---|---:|---:|---:|---|---:|\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|---|---:|\n");
         for tool in tools_of(outcomes, Section::Copy) {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 md_cell(tool.label()),
                 cell(wall.get(&tool), 1),
                 cell(rate.get(&tool), 1),
                 ratio(&wall, tool),
+                cell(source_cpu.get(&tool), 1),
+                cell(dest_cpu.get(&tool), 1),
+                cell(rss.get(&tool), 0),
                 phases(outcomes, tool),
                 passed(outcomes, Section::Copy, tool)
             );
         }
+        md.push_str(
+            "\nCPU s/GB: user + system time of every process of each side's cluster (ended \
+             backends included) during the copy, over the source's database size; the tools' own \
+             client programs (pg_dump, pg_restore, pgcopydb) are not counted. Worker peak RSS: the \
+             highest `VmHWM` of cloudmig's background workers, sampled every 100 ms.\n",
+        );
         md.push('\n');
         md.push_str(&footnotes(outcomes, Section::Copy));
         md.push('\n');

@@ -326,6 +326,11 @@ const BATCH_AGE: Duration = Duration::from_millis(20);
 /// confirmed position follows the apply closely.
 const FEEDBACK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The most messages handled between two looks at the flushed position, the
+/// shared slot and the feedback while a stream keeps them coming (a batch's
+/// commit, a pause or a keepalive looks at once).
+const BOOKKEEPING_MESSAGES: u32 = 256;
+
 /// Where the apply stands, between messages.
 struct State {
     open: Option<OpenTransaction>,
@@ -580,6 +585,10 @@ fn stream_session(
     let mut flushed = from;
     let mut last_status = Instant::now() - STATUS_INTERVAL;
     let mut last_sent_flushed = flushed;
+    // Messages handled since the positions were last looked at, and whether they were
+    // last reported idle (see the bookkeeping below).
+    let mut unreported = 0u32;
+    let mut reported_idle = false;
 
     loop {
         if txn::shutdown_requested() {
@@ -602,6 +611,7 @@ fn stream_session(
             .next(wait)
             .map_err(|e| lost("replication stream", &e))?;
         let got_message = message.is_some();
+        let keepalive = matches!(message, Some(ReplicationMessage::Keepalive { .. }));
         if got_message && outage.as_ref().is_some_and(|o| o.stream) {
             clear_outage(index, outage);
         }
@@ -643,10 +653,16 @@ fn stream_session(
             }
             None => {}
         }
-        let batch_due = state.batch.as_ref().is_some_and(|batch| {
-            batch.transactions >= BATCH_TRANSACTIONS || batch.started.elapsed() >= BATCH_AGE
-        });
-        if state.batch_waiting() && (!got_message || batch_due) {
+        // Only between source transactions (a batch waits) is the clock read, once per
+        // transaction at most.
+        let batch_due = |state: &State| {
+            state.batch.as_ref().is_some_and(|batch| {
+                batch.transactions >= BATCH_TRANSACTIONS || batch.started.elapsed() >= BATCH_AGE
+            })
+        };
+        let mut committed = false;
+        if state.batch_waiting() && (!got_message || batch_due(state)) {
+            committed = true;
             let committed = PgTryBuilder::new(AssertUnwindSafe(|| {
                 state.commit_batch(applier, index);
                 Ok(())
@@ -669,6 +685,22 @@ fn stream_session(
                 clear_outage(index, outage);
             }
         }
+        // The positions, the shared slot and the feedback are looked at when something
+        // changed for them: the stream paused, a batch committed, the server asked, or
+        // enough messages went by (a long transaction); not after every change of a
+        // backlog, where the shared-memory lock and clock reads would cost more per source
+        // transaction than some of its changes.
+        unreported += 1;
+        if got_message
+            && !committed
+            && !reply_requested
+            && !keepalive
+            && !reported_idle
+            && unreported < BOOKKEEPING_MESSAGES
+        {
+            continue;
+        }
+        unreported = 0;
         // What is durably committed here, in the source's terms (get_flush_position).
         // SAFETY: reads the local WAL flush position.
         let local_flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
@@ -691,6 +723,7 @@ fn stream_session(
             state.applied = state.applied.max(received);
         }
         let applied = state.applied;
+        reported_idle = idle;
         update_slot(index, |slot| {
             slot.received_lsn = slot.received_lsn.max(received.0);
             slot.applied_lsn = applied.0;
@@ -700,9 +733,10 @@ fn stream_session(
         });
         // When idle, ask for a keepalive every second: it carries the end of
         // the source's WAL, which is how an idle database shows no lag.
-        let idle_poll = idle && last_status.elapsed() >= Duration::from_secs(1);
-        let moved = flushed > last_sent_flushed && last_status.elapsed() >= FEEDBACK_INTERVAL;
-        if reply_requested || moved || last_status.elapsed() >= STATUS_INTERVAL || idle_poll {
+        let since_status = last_status.elapsed();
+        let idle_poll = idle && since_status >= Duration::from_secs(1);
+        let moved = flushed > last_sent_flushed && since_status >= FEEDBACK_INTERVAL;
+        if reply_requested || moved || since_status >= STATUS_INTERVAL || idle_poll {
             last_sent_flushed = flushed;
             stream
                 .send_status(received, flushed, applied, idle_poll)

@@ -282,7 +282,8 @@ pub fn markdown(info: &RunInfo, outcomes: &[Outcome]) -> String {
             "\nCPU s/GB: user + system time of every process of each side's cluster (ended \
              backends included) during the copy, over the source's database size; the tools' own \
              client programs (pg_dump, pg_restore, pgcopydb) are not counted. Worker peak RSS: the \
-             highest `VmHWM` of cloudmig's background workers, sampled every 100 ms.\n",
+             highest `VmHWM` of cloudmig's background workers, sampled every 100 ms (it counts the \
+             shared buffers a worker touched).\n",
         );
         md.push('\n');
         md.push_str(&footnotes(outcomes, Section::Copy));

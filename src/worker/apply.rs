@@ -353,6 +353,11 @@ const BATCH_AGE: Duration = Duration::from_millis(20);
 /// confirmed position follows the apply closely.
 const FEEDBACK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The most messages handled between two looks at the flushed position, the
+/// shared slot and the feedback while a stream keeps them coming (a batch's
+/// commit, a pause or a keepalive looks at once).
+const BOOKKEEPING_MESSAGES: u32 = 256;
+
 /// Where the apply stands, between messages.
 struct State {
     open: Option<OpenTransaction>,
@@ -611,8 +616,15 @@ fn stream_session(
     // every second when idle, is unreachable (a black-holed network keeps
     // the TCP connection open): as walreceiver does with
     // wal_receiver_timeout, the session ends and is retried as an outage.
+    // `heard` notes a message without reading the clock per message; the
+    // time is taken when the stream pauses or the positions are looked at.
     let silence_limit = crate::guc::source_timeout();
     let mut last_heard = Instant::now();
+    let mut heard = false;
+    // Messages handled since the positions were last looked at, and whether they were
+    // last reported idle (see the bookkeeping below).
+    let mut unreported = 0u32;
+    let mut reported_idle = false;
 
     loop {
         if txn::shutdown_requested() {
@@ -636,6 +648,8 @@ fn stream_session(
             .map_err(|e| lost("replication stream", &e))?;
         let got_message = message.is_some();
         if got_message {
+            heard = true;
+        } else if std::mem::take(&mut heard) {
             last_heard = Instant::now();
         } else if last_heard.elapsed() >= silence_limit {
             connection.close();
@@ -647,6 +661,7 @@ fn stream_session(
                 ))
             })));
         }
+        let keepalive = matches!(message, Some(ReplicationMessage::Keepalive { .. }));
         if got_message && outage.as_ref().is_some_and(|o| o.stream) {
             clear_outage(index, outage);
         }
@@ -688,10 +703,16 @@ fn stream_session(
             }
             None => {}
         }
-        let batch_due = state.batch.as_ref().is_some_and(|batch| {
-            batch.transactions >= BATCH_TRANSACTIONS || batch.started.elapsed() >= BATCH_AGE
-        });
-        if state.batch_waiting() && (!got_message || batch_due) {
+        // Only between source transactions (a batch waits) is the clock read, once per
+        // transaction at most.
+        let batch_due = |state: &State| {
+            state.batch.as_ref().is_some_and(|batch| {
+                batch.transactions >= BATCH_TRANSACTIONS || batch.started.elapsed() >= BATCH_AGE
+            })
+        };
+        let mut committed = false;
+        if state.batch_waiting() && (!got_message || batch_due(state)) {
+            committed = true;
             let committed = PgTryBuilder::new(AssertUnwindSafe(|| {
                 state.commit_batch(applier, index);
                 Ok(())
@@ -714,6 +735,22 @@ fn stream_session(
                 clear_outage(index, outage);
             }
         }
+        // The positions, the shared slot and the feedback are looked at when something
+        // changed for them: the stream paused, a batch committed, the server asked, or
+        // enough messages went by (a long transaction); not after every change of a
+        // backlog, where the shared-memory lock and clock reads would cost more per source
+        // transaction than some of its changes.
+        unreported += 1;
+        if got_message
+            && !committed
+            && !reply_requested
+            && !keepalive
+            && !reported_idle
+            && unreported < BOOKKEEPING_MESSAGES
+        {
+            continue;
+        }
+        unreported = 0;
         // What is durably committed here, in the source's terms (get_flush_position).
         // SAFETY: reads the local WAL flush position.
         let local_flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
@@ -736,6 +773,7 @@ fn stream_session(
             state.applied = state.applied.max(received);
         }
         let applied = state.applied;
+        reported_idle = idle;
         update_slot(index, |slot| {
             slot.received_lsn = slot.received_lsn.max(received.0);
             slot.applied_lsn = applied.0;
@@ -747,10 +785,14 @@ fn stream_session(
         // the source's WAL, which is how an idle database shows no lag. Also
         // when the source has been quiet for half the silence limit (it may
         // be busy decoding a large transaction): its answer proves it is there.
+        if std::mem::take(&mut heard) {
+            last_heard = Instant::now();
+        }
+        let since_status = last_status.elapsed();
         let quiet = last_heard.elapsed() >= silence_limit / 2;
-        let idle_poll = (idle || quiet) && last_status.elapsed() >= Duration::from_secs(1);
-        let moved = flushed > last_sent_flushed && last_status.elapsed() >= FEEDBACK_INTERVAL;
-        if reply_requested || moved || last_status.elapsed() >= STATUS_INTERVAL || idle_poll {
+        let idle_poll = (idle || quiet) && since_status >= Duration::from_secs(1);
+        let moved = flushed > last_sent_flushed && since_status >= FEEDBACK_INTERVAL;
+        if reply_requested || moved || since_status >= STATUS_INTERVAL || idle_poll {
             last_sent_flushed = flushed;
             stream
                 .send_status(received, flushed, applied, idle_poll)

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use postgres::Client;
 
+use crate::bench::cpu::{self, Meter};
 use crate::bench::data::{BENCH_DB, PGBENCH_TABLES};
 use crate::bench::stats::percentile;
 use crate::bench::tools::{self, is_timeout, secs, TIMING_POLL};
@@ -79,11 +80,7 @@ pub fn run(bench: &mut Bench) {
                 measure(bench, tool, &mut drained, &mut lagged)
             }));
             if let Err(panic) = result {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_else(|| "panicked".to_owned());
+                let message = panic_text(panic);
                 let failed = Status::Failed(first_lines(&message, 6));
                 if drained.status == Status::Ok {
                     drained.status = failed.clone();
@@ -98,7 +95,146 @@ pub fn run(bench: &mut Bench) {
                 bench.record(lagged);
             }
         }
+        if drain {
+            let order = bench.opts.chosen(&Tool::APPLIERS).len() + 1;
+            let mut decoded = Outcome::new(Section::Apply, Tool::Decoding, rep, order);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                decoding_alone(bench, &mut decoded)
+            }));
+            decoded.status = match result {
+                Ok(status) => status,
+                Err(panic) => Status::Failed(first_lines(&panic_text(panic), 6)),
+            };
+            tools::reset_source(&bench.source, &[BENCH_DB.to_owned()]);
+            bench.record(decoded);
+        }
     }
+}
+
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panicked".to_owned())
+}
+
+/// The walsender of the set-up's slot on the source (every applier has one slot on `bench`).
+const WALSENDER_PIDS: &str = "SELECT active_pid FROM pg_replication_slots \
+     WHERE database = 'bench' AND slot_type = 'logical' AND active_pid IS NOT NULL";
+/// The applying processes on the destination, by the backend type each tool's worker has.
+const APPLIER_PIDS: &str = "SELECT pid FROM pg_stat_activity WHERE datname = 'bench' \
+     AND (backend_type IN ('cloudmig apply', 'logical replication worker') \
+          OR backend_type LIKE 'pglogical apply%')";
+
+/// CPU of the walsender and the applier over a drain, per transaction of the backlog.
+fn record_cpu(outcome: &mut Outcome, side: &str, meter: &mut Meter, transactions: u64) {
+    if meter.is_empty() || transactions == 0 {
+        return;
+    }
+    let used = meter.used();
+    outcome.set(&format!("{side}_cpu_s"), used);
+    outcome.set(
+        &format!("{side}_us_per_txn"),
+        used * 1e6 / transactions as f64,
+    );
+}
+
+/// The ceiling of every applier: the source's walsender decoding a backlog of the same load
+/// with pgoutput for `pg_recvlogical`, which writes it to /dev/null. The walsender's CPU per
+/// transaction here is what decoding costs without any applier behind it.
+fn decoding_alone(bench: &Bench, outcome: &mut Outcome) -> Status {
+    let source = &bench.source;
+    let opts = &bench.opts;
+    // Two statements, two transactions: a slot cannot be made in one that wrote.
+    source.execute(BENCH_DB, "CREATE PUBLICATION bench_decode FOR ALL TABLES");
+    source.execute(
+        BENCH_DB,
+        "SELECT pg_create_logical_replication_slot('bench_decode', 'pgoutput')",
+    );
+    let mut pgbench = source.command("pgbench");
+    pgbench.args([
+        "-n",
+        "-c4",
+        "-j2",
+        "-T",
+        &opts.backlog_seconds.to_string(),
+        BENCH_DB,
+    ]);
+    let transactions = match run_program(&mut pgbench) {
+        Ok(out) => match processed(&String::from_utf8_lossy(&out.stdout)) {
+            Some(n) => n,
+            None => return Status::Failed("pgbench printed no transaction count".into()),
+        },
+        Err(e) => return Status::Failed(format!("pgbench: {e}")),
+    };
+    let mut on_source = source.client(BENCH_DB);
+    let end_lsn = lsn_now(&mut on_source);
+    // A change after the end: pg_recvlogical stops at the first message at or past --endpos.
+    if let Err(e) = bump_marker(&mut on_source) {
+        return Status::Failed(e);
+    }
+    outcome.set("transactions", transactions as f64);
+    let mut recv = source.command("pg_recvlogical");
+    recv.args([
+        "-d",
+        BENCH_DB,
+        "-S",
+        "bench_decode",
+        "--start",
+        "-E",
+        &end_lsn,
+        "-o",
+        "proto_version=1",
+        "-o",
+        "publication_names=bench_decode",
+        "-f",
+        "/dev/null",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let started = Instant::now();
+    let mut child = match recv.spawn() {
+        Ok(child) => child,
+        Err(e) => return Status::Failed(format!("pg_recvlogical: {e}")),
+    };
+    let mut meter = Meter::default();
+    let exit = loop {
+        if meter.is_empty() {
+            meter = Meter::start(&cpu::pids(source, "postgres", WALSENDER_PIDS));
+        } else {
+            meter.sample();
+        }
+        match child.try_wait() {
+            Ok(Some(exit)) => break Ok(exit),
+            Ok(None) if started.elapsed() > opts.drain_timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(Status::Unfinished(format!(
+                    "pg_recvlogical did not reach the end LSN in {} s",
+                    opts.drain_timeout.as_secs()
+                )));
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+            Err(e) => break Err(Status::Failed(format!("pg_recvlogical: {e}"))),
+        }
+    };
+    let seconds = secs(started);
+    let exit = match exit {
+        Ok(exit) => exit,
+        Err(status) => return status,
+    };
+    if !exit.success() {
+        let mut text = String::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        }
+        return Status::Failed(format!("pg_recvlogical: {exit}: {}", first_lines(&text, 3)));
+    }
+    outcome.set("seconds", seconds);
+    outcome.set("txn_per_s", transactions as f64 / seconds);
+    record_cpu(outcome, "walsender", &mut meter, transactions);
+    Status::Ok
 }
 
 fn measure(bench: &Bench, tool: Tool, drained: &mut Outcome, lagged: &mut Outcome) {
@@ -190,6 +326,10 @@ fn drain(bench: &Bench, tool: Tool, dest: &Cluster, outcome: &mut Outcome) -> St
     )) {
         return Status::Failed(format!("lock on the destination: {}", describe(&e)));
     }
+    // CPU from before the load to the end of the drain: a walsender decodes the backlog as it
+    // is written until the blocked applier stops reading, the rest once the lock is released.
+    let mut walsender = Meter::start(&cpu::pids(source, "postgres", WALSENDER_PIDS));
+    let mut applier = Meter::start(&cpu::pids(dest, "postgres", APPLIER_PIDS));
     let mut pgbench = source.command("pgbench");
     pgbench.args([
         "-n",
@@ -249,6 +389,8 @@ fn drain(bench: &Bench, tool: Tool, dest: &Cluster, outcome: &mut Outcome) -> St
                 .unwrap_or(0);
             if seen >= marker {
                 marker_at = Some(secs(released));
+                record_cpu(outcome, "walsender", &mut walsender, transactions);
+                record_cpu(outcome, "applier", &mut applier, transactions);
             }
         }
         if position_at.is_none() {
@@ -263,7 +405,11 @@ fn drain(bench: &Bench, tool: Tool, dest: &Cluster, outcome: &mut Outcome) -> St
         match (marker_at, position_at) {
             (Some(_), Some(_)) => break,
             (Some(at), None) if secs(released) > at + POSITION_GRACE.as_secs_f64() => break,
-            _ => thread::sleep(TIMING_POLL / 2),
+            _ => {
+                walsender.sample();
+                applier.sample();
+                thread::sleep(TIMING_POLL / 2)
+            }
         }
     }
     if let Some(at) = position_at {

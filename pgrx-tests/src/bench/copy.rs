@@ -6,8 +6,12 @@
 //! (cloudmig from `cloudmig.events`, native: schema then sync, pg_dump -Fd: dump then restore).
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
 
+use crate::bench::cpu;
 use crate::bench::data::database_size;
 use crate::bench::tools::{self, is_timeout, secs, Phases};
 use crate::bench::verify::{self, Contents};
@@ -64,6 +68,13 @@ fn copy_once(
         },
         _ => None,
     };
+    // CPU of each side's whole cluster (the tool's own client programs are not counted), and
+    // for cloudmig the peak memory of its workers, sampled while they run.
+    let cpu_before = (
+        cpu::cluster_cpu_seconds(source),
+        cpu::cluster_cpu_seconds(&dest),
+    );
+    let peak_rss = (tool == Tool::Cloudmig).then(|| RssSampler::start(&dest));
     let started = Instant::now();
     let result: Result<Phases, String> = match (tool, assessment) {
         (Tool::Cloudmig, Some(assessment)) => {
@@ -80,8 +91,27 @@ fn copy_once(
         (Tool::Native, _) => tools::stream_native(source, &dest, dbs, timeout),
         (Tool::Pglogical, _) => tools::stream_pglogical(source, &dest, dbs, timeout),
         (Tool::Cloudmig, None) => unreachable!("cloudmig was assessed above"),
+        (Tool::Decoding, _) => Err(format!("{tool} does not copy")),
     };
     let wall = secs(started);
+    let gigabytes = bytes as f64 / 1e9;
+    for (side, cluster, before) in [
+        ("source", source, cpu_before.0),
+        ("destination", &dest, cpu_before.1),
+    ] {
+        if let (Some(before), Some(after)) = (before, cpu::cluster_cpu_seconds(cluster)) {
+            outcome.set(&format!("{side}_cpu_s"), after - before);
+            if gigabytes > 0.0 {
+                outcome.set(
+                    &format!("{side}_cpu_s_per_gb"),
+                    (after - before) / gigabytes,
+                );
+            }
+        }
+    }
+    if let Some(peak) = peak_rss.and_then(RssSampler::finish) {
+        outcome.set("worker_peak_rss_mb", peak / 1e6);
+    }
     let phases = match result {
         Ok(phases) => phases,
         Err(e) if is_timeout(&e) => {
@@ -116,5 +146,54 @@ fn note_sequences(source: &Cluster, dest: &Cluster, dbs: &[String], outcome: &mu
                 on_source.len()
             ));
         }
+    }
+}
+
+/// The peak resident memory (`VmHWM`) of cloudmig's background workers on a destination,
+/// sampled every 100 ms while a copy runs: a worker's high-water mark is only readable while
+/// it lives.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<Option<f64>>,
+}
+
+impl RssSampler {
+    fn start(dest: &Cluster) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut client = dest.try_client("postgres").ok();
+        let thread = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut peak: Option<f64> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let pids: Vec<i32> = client
+                        .as_mut()
+                        .and_then(|c| {
+                            c.query(
+                                "SELECT pid FROM pg_stat_activity \
+                                  WHERE backend_type LIKE 'cloudmig%'",
+                                &[],
+                            )
+                            .ok()
+                        })
+                        .map(|rows| rows.iter().filter_map(|r| r.try_get(0).ok()).collect())
+                        .unwrap_or_default();
+                    for pid in pids {
+                        if let Some(rss) = cpu::peak_rss_bytes(pid) {
+                            peak = Some(peak.map_or(rss, |p: f64| p.max(rss)));
+                        }
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+                peak
+            })
+        };
+        RssSampler { stop, thread }
+    }
+
+    /// Stops sampling; the highest peak seen, if any worker was.
+    fn finish(self) -> Option<f64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().ok().flatten()
     }
 }

@@ -22,6 +22,7 @@
 
 pub mod apply;
 pub mod copy;
+pub mod cpu;
 pub mod data;
 pub mod report;
 pub mod stats;
@@ -95,6 +96,9 @@ pub enum Tool {
     PgDumpParallel,
     /// `pgcopydb clone --table-jobs 2 --index-jobs 2`.
     Pgcopydb,
+    /// Not an applier: `pg_recvlogical` with pgoutput draining the backlog to /dev/null, the
+    /// source's decoding alone, which bounds every applier's drain (section `apply` only).
+    Decoding,
 }
 
 impl Tool {
@@ -119,6 +123,7 @@ impl Tool {
             Tool::PgDumpPipe => "pgdump-pipe",
             Tool::PgDumpParallel => "pgdump-j2",
             Tool::Pgcopydb => "pgcopydb",
+            Tool::Decoding => "decoding",
         }
     }
 
@@ -131,6 +136,7 @@ impl Tool {
             Tool::PgDumpPipe => "pg_dump -Fc | pg_restore",
             Tool::PgDumpParallel => "pg_dump -Fd -j2 + pg_restore -j2",
             Tool::Pgcopydb => "pgcopydb clone 2+2",
+            Tool::Decoding => "decoding alone (pg_recvlogical)",
         }
     }
 }

@@ -174,18 +174,22 @@ pub fn markdown(info: &RunInfo, outcomes: &[Outcome]) -> String {
         let secs = spreads(outcomes, Section::Apply, "seconds");
         let txns = spreads(outcomes, Section::Apply, "transactions");
         let pos = spreads(outcomes, Section::Apply, "position_seconds");
+        let walsender = spreads(outcomes, Section::Apply, "walsender_us_per_txn");
+        let applier = spreads(outcomes, Section::Apply, "applier_us_per_txn");
         md.push_str("### Apply throughput (backlog drain)\n\n");
-        md.push_str("| applier | backlog txn | drain s | txn/s | cloudmig ÷ this | position passed end LSN, s | passed | unfinished: txn/s until the timeout |\n");
-        md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("| applier | backlog txn | drain s | txn/s | cloudmig ÷ this | source walsender CPU µs/txn | applier CPU µs/txn | position passed end LSN, s | passed | unfinished: txn/s until the timeout |\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for tool in tools_of(outcomes, Section::Apply) {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 md_cell(tool.label()),
                 cell(txns.get(&tool), 0),
                 cell(secs.get(&tool), 2),
                 cell(rate.get(&tool), 0),
                 apply_ratio(outcomes, &rate, tool),
+                cell(walsender.get(&tool), 1),
+                cell(applier.get(&tool), 1),
                 cell(pos.get(&tool), 2),
                 passed(outcomes, Section::Apply, tool),
                 cell(
@@ -199,6 +203,13 @@ pub fn markdown(info: &RunInfo, outcomes: &[Outcome]) -> String {
                 )
             );
         }
+        md.push_str(
+            "\nCPU: user + system time of the source's walsender and of the destination's applying \
+             process, from before the backlog's load to the end of its drain, over the backlog's \
+             transactions. The decoding-alone line is `pg_recvlogical` with pgoutput draining a \
+             backlog of the same load to /dev/null: the rate the source's walsender decodes at with \
+             no applier behind it, the ceiling of every applier.\n",
+        );
         md.push('\n');
         md.push_str(&footnotes(outcomes, Section::Apply));
         md.push('\n');
@@ -244,23 +255,36 @@ pub fn markdown(info: &RunInfo, outcomes: &[Outcome]) -> String {
     if present(Section::Copy) {
         let wall = spreads(outcomes, Section::Copy, "seconds");
         let rate = spreads(outcomes, Section::Copy, "mb_per_s");
+        let source_cpu = spreads(outcomes, Section::Copy, "source_cpu_s_per_gb");
+        let dest_cpu = spreads(outcomes, Section::Copy, "destination_cpu_s_per_gb");
+        let rss = spreads(outcomes, Section::Copy, "worker_peak_rss_mb");
         md.push_str("### Full copy\n\n");
         md.push_str(
-            "| tool | seconds | MB/s | cloudmig time ÷ this | phases (median s) | passed |\n",
+            "| tool | seconds | MB/s | cloudmig time ÷ this | source CPU s/GB | destination CPU s/GB | worker peak RSS MB | phases (median s) | passed |\n",
         );
-        md.push_str("|---|---:|---:|---:|---|---:|\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|---|---:|\n");
         for tool in tools_of(outcomes, Section::Copy) {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 md_cell(tool.label()),
                 cell(wall.get(&tool), 1),
                 cell(rate.get(&tool), 1),
                 ratio(&wall, tool),
+                cell(source_cpu.get(&tool), 1),
+                cell(dest_cpu.get(&tool), 1),
+                cell(rss.get(&tool), 0),
                 phases(outcomes, tool),
                 passed(outcomes, Section::Copy, tool)
             );
         }
+        md.push_str(
+            "\nCPU s/GB: user + system time of every process of each side's cluster (ended \
+             backends included) during the copy, over the source's database size; the tools' own \
+             client programs (pg_dump, pg_restore, pgcopydb) are not counted. Worker peak RSS: the \
+             highest `VmHWM` of cloudmig's background workers, sampled every 100 ms (it counts the \
+             shared buffers a worker touched).\n",
+        );
         md.push('\n');
         md.push_str(&footnotes(outcomes, Section::Copy));
         md.push('\n');

@@ -139,7 +139,7 @@ fn run_job(
 ) -> Result<(), Failure> {
     let snapshot = job.snapshot.get();
     match job.kind {
-        JobKind::ApplyScript => {
+        JobKind::ApplyScript | JobKind::TableIndexes => {
             let path = job.path.get();
             let sql = std::fs::read_to_string(&path)
                 .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
@@ -161,13 +161,7 @@ fn run_job(
         }
         JobKind::CopyTable => {
             let connection = session_for(session, database, &snapshot)?;
-            copy_table(
-                index,
-                connection,
-                &job.schema.get(),
-                &job.table.get(),
-                job.truncate_first,
-            )
+            copy_table(index, connection, &job.schema.get(), &job.table.get())
         }
         JobKind::CopySequences => {
             let connection = session_for(session, database, &snapshot)?;
@@ -218,13 +212,16 @@ pub fn skipped_path(script_path: &str) -> String {
 }
 
 /// Copies one table: its rows at the session's snapshot replace whatever an
-/// interrupted earlier attempt left, in one local transaction.
+/// interrupted earlier attempt left, in one local transaction. The table is
+/// always truncated first: what an interrupted copy left, or the defaults
+/// an extension put in its configuration table, go; an empty table costs a
+/// new empty file, and a table truncated in the transaction of the COPY can
+/// take its rows frozen (see `into_table::copy_into`).
 fn copy_table(
     index: usize,
     connection: &mut Connection,
     schema: &str,
     table: &str,
-    truncate_first: bool,
 ) -> Result<(), Failure> {
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
     let columns: Vec<String> = connection
@@ -255,10 +252,8 @@ fn copy_table(
     // as the outage it is.
     let lost: std::cell::RefCell<Option<Failure>> = std::cell::RefCell::new(None);
     let copied = txn::run(|| {
-        if truncate_first {
-            execute::run_utf8(&format!("TRUNCATE ONLY {qualified}"))
-                .map_err(|e| Failure::new(e.to_string()))?;
-        }
+        execute::run_utf8(&format!("TRUNCATE ONLY {qualified}"))
+            .map_err(|e| Failure::new(e.to_string()))?;
         let mut copy = connection
             .copy_out(&format!("COPY {qualified}{column_list} TO STDOUT"))
             .map_err(source_failure)?;
@@ -274,7 +269,7 @@ fn copy_table(
             slots[index].rows = rows;
             slots[index].bytes = bytes;
         };
-        let stats = into_table::copy_into(schema, table, &columns, &mut next, &mut progress);
+        let stats = into_table::copy_into(schema, table, &columns, true, &mut next, &mut progress);
         // The source's own count ("COPY n") is exact; ours counts lines.
         let rows = copy.rows().unwrap_or(stats.rows);
         let mut slots = JOBS.exclusive();

@@ -161,7 +161,13 @@ fn run_job(
         }
         JobKind::CopyTable => {
             let connection = session_for(session, database, &snapshot)?;
-            copy_table(index, connection, &job.schema.get(), &job.table.get())
+            copy_table(
+                index,
+                connection,
+                &job.schema.get(),
+                &job.table.get(),
+                job.truncate_first,
+            )
         }
         JobKind::CopySequences => {
             let connection = session_for(session, database, &snapshot)?;
@@ -212,16 +218,18 @@ pub fn skipped_path(script_path: &str) -> String {
 }
 
 /// Copies one table: its rows at the session's snapshot replace whatever an
-/// interrupted earlier attempt left, in one local transaction. The table is
-/// always truncated first: what an interrupted copy left, or the defaults
-/// an extension put in its configuration table, go; an empty table costs a
-/// new empty file, and a table truncated in the transaction of the COPY can
-/// take its rows frozen (see `into_table::copy_into`).
+/// interrupted earlier attempt left (`truncate_first`, also an extension's
+/// defaults), in one local transaction. An empty table is truncated too: that
+/// costs a new empty file, and a table truncated in the transaction of the
+/// COPY takes its rows frozen (see `into_table::copy_into`). A table that is
+/// not empty otherwise keeps its rows: code of the migrated schema that ran
+/// here (an index expression of another table writing into it) put them.
 fn copy_table(
     index: usize,
     connection: &mut Connection,
     schema: &str,
     table: &str,
+    truncate_first: bool,
 ) -> Result<(), Failure> {
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
     let columns: Vec<String> = connection
@@ -252,8 +260,15 @@ fn copy_table(
     // as the outage it is.
     let lost: std::cell::RefCell<Option<Failure>> = std::cell::RefCell::new(None);
     let copied = txn::run(|| {
-        execute::run_utf8(&format!("TRUNCATE ONLY {qualified}"))
-            .map_err(|e| Failure::new(e.to_string()))?;
+        // Locked first, so no row can come between the look and the TRUNCATE.
+        execute::run_utf8(&format!(
+            "LOCK TABLE ONLY {qualified} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .map_err(|e| Failure::new(e.to_string()))?;
+        if truncate_first || is_empty(&qualified)? {
+            execute::run_utf8(&format!("TRUNCATE ONLY {qualified}"))
+                .map_err(|e| Failure::new(e.to_string()))?;
+        }
         let mut copy = connection
             .copy_out(&format!("COPY {qualified}{column_list} TO STDOUT"))
             .map_err(source_failure)?;
@@ -281,6 +296,17 @@ fn copy_table(
         Some(source) if source.transient => source,
         _ => failure,
     })
+}
+
+/// Whether the local table `qualified` has no row (inside a transaction).
+fn is_empty(qualified: &str) -> Result<bool, Failure> {
+    let spi_failure = |e: crate::apply::spi::SpiFailure| Failure::new(e.to_string());
+    crate::apply::spi::connect().map_err(spi_failure)?;
+    let rows =
+        crate::apply::spi::query(&format!("SELECT NOT EXISTS (SELECT FROM ONLY {qualified})"));
+    crate::apply::spi::finish();
+    let rows = rows.map_err(spi_failure)?;
+    Ok(rows.first().and_then(|row| row.first()).cloned().flatten() == Some("t".to_string()))
 }
 
 /// Counts (and checksums) the rows of the tables listed in `path`

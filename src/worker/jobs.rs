@@ -24,6 +24,7 @@ pub struct Job {
     pub table: String,
     pub snapshot: String,
     pub path: String,
+    pub truncate_first: bool,
     pub resuming: bool,
     pub checksums: bool,
     /// See `JobSlot::caller`.
@@ -212,6 +213,7 @@ fn dispatch(
                         slot.table.set(&job.table);
                         slot.snapshot.set(&job.snapshot);
                         slot.path.set(&job.path);
+                        slot.truncate_first = job.truncate_first;
                         slot.resuming = job.resuming;
                         slot.checksums = job.checksums;
                         slot.caller = job.caller;

@@ -261,6 +261,9 @@ pub struct JobSlot {
     pub table: FixedText<64>,
     pub snapshot: FixedText<64>,
     pub path: FixedText<512>,
+    /// Empty the table before copying (an interrupted earlier copy, an
+    /// extension's defaults).
+    pub truncate_first: bool,
     /// The task resumed: a script may have been applied by the attempt that
     /// died before recording it.
     pub resuming: bool,

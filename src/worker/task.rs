@@ -865,6 +865,8 @@ impl Runner {
                         schema: table.schema_name.clone(),
                         table: table.table_name.clone(),
                         snapshot: snapshot.clone(),
+                        // An interrupted copy, or an extension's defaults to replace.
+                        truncate_first: table.state == "copying" || table.extension_config,
                         ..Job::default()
                     });
                 }

@@ -38,6 +38,10 @@ pub struct JobResult {
     pub bytes: u64,
 }
 
+/// Called when a job finished; returns the jobs it makes due (see
+/// [`run_chained`]).
+pub type FollowUps<'a> = dyn FnMut(&Job, JobResult) -> Result<Vec<Job>, Failure> + 'a;
+
 /// Why a batch of jobs stopped early.
 #[derive(Debug)]
 pub enum Stop {
@@ -89,7 +93,7 @@ pub fn run_chained(
     workers: usize,
     should_stop: &dyn Fn() -> Option<Stop>,
     on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
-    on_done: &mut dyn FnMut(&Job, JobResult) -> Result<Vec<Job>, Failure>,
+    on_done: &mut FollowUps<'_>,
 ) -> Result<(), Stop> {
     let count = workers.clamp(1, MAX_JOB_SLOTS).min(jobs.len().max(1));
     {
@@ -154,7 +158,7 @@ fn dispatch(
     handles: &[DynamicBackgroundWorker],
     should_stop: &dyn Fn() -> Option<Stop>,
     on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
-    on_done: &mut dyn FnMut(&Job, JobResult) -> Result<Vec<Job>, Failure>,
+    on_done: &mut FollowUps<'_>,
 ) -> Result<(), Stop> {
     let mut queue: VecDeque<Job> = jobs.into();
     let mut running: Vec<Option<Job>> = vec![None; count];

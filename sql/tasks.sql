@@ -71,6 +71,9 @@ CREATE TABLE cloudmig.task_database (
 
 -- One row per table (and materialized view) to copy.
 --   pending -> copying -> copied -> indexed
+-- A table's own indexes and constraints are built right after its rows are
+-- in (indexes_started_at .. indexes_finished_at); a table still 'copied' when
+-- a task resumes gets them then.
 -- sync_lsn is the LSN of the snapshot the table's rows were copied at: the
 -- apply of changes skips, for this table, transactions committed at or
 -- before it (as PostgreSQL's own tablesync does).
@@ -92,6 +95,8 @@ CREATE TABLE cloudmig.table_copy (
     sync_lsn        pg_lsn,
     started_at      timestamptz,
     finished_at     timestamptz,
+    indexes_started_at  timestamptz,
+    indexes_finished_at timestamptz,
     PRIMARY KEY (task_id, datname, schema_name, table_name)
 );
 

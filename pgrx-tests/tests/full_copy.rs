@@ -462,6 +462,112 @@ fn a_destination_crash_mid_copy_resumes_without_duplicates() {
     assert_progress_complete(&source, &dest, task, &databases(&source));
 }
 
+/// Eight tables each with a key and an index whose expression sleeps a millisecond a row, so
+/// that building one table's indexes lasts long enough to be caught by `poll_until`; a foreign key
+/// between two of them (post-data proper, built once every table is in).
+const SLOW_INDEX_SQL: &str = "
+    CREATE FUNCTION public.slow_key(n int) RETURNS int LANGUAGE plpgsql IMMUTABLE
+        AS $$ BEGIN PERFORM pg_catalog.pg_sleep(0.001); RETURN n; END $$;
+    DO $$
+    BEGIN
+        FOR i IN 1..8 LOOP
+            EXECUTE format('CREATE TABLE public.slow_%s (id int PRIMARY KEY, v int,
+                                CHECK (v >= 0))', i);
+            EXECUTE format('INSERT INTO public.slow_%s SELECT g, g FROM generate_series(1, 1500) g', i);
+            EXECUTE format('CREATE INDEX slow_%s_v ON public.slow_%s (public.slow_key(v))', i, i);
+            EXECUTE format('ALTER TABLE public.slow_%s ADD CONSTRAINT slow_%s_positive
+                                CHECK (id > 0) NOT VALID', i, i);
+        END LOOP;
+    END
+    $$;
+    ALTER TABLE public.slow_2 ADD CONSTRAINT slow_2_fk FOREIGN KEY (v) REFERENCES public.slow_1 (id);
+";
+
+/// Each table's own indexes and constraints are built right after its rows, by the copy worker
+/// (`table_progress` shows when), before other tables' rows; a destination killed after a
+/// table's rows committed but before its indexes did resumes: that table is not copied again,
+/// its indexes are built, and the result equals the source (schema and data).
+#[test]
+fn indexes_are_built_per_table_and_a_crash_between_rows_and_indexes_resumes() {
+    let started = Instant::now();
+    let source = source("perindex-src", SUPERUSER_MIGRATOR_SQL)
+        .init_sql("CREATE DATABASE slow")
+        .start();
+    source.execute("slow", SLOW_INDEX_SQL);
+    eprintln!("slow-index source ready in {:?}", started.elapsed());
+    let dest = destination("perindex-dst");
+    let task = start(&dest, &source, r#"{"copy_workers": 1}"#);
+    // A table whose rows are in and whose indexes are being built.
+    poll_until(
+        &dest,
+        "postgres",
+        &format!(
+            "SELECT count(*) > 0 FROM cloudmig.table_progress \
+              WHERE task_id = {task} AND database = 'slow' AND state = 'copied' \
+                AND indexes_started_at IS NOT NULL AND indexes_finished_at IS NULL"
+        ),
+        "t",
+        POLL_TIMEOUT,
+    );
+    // Those tables, with when their copy started: the same after the resume (not copied again).
+    let caught_sql = format!(
+        "SELECT coalesce(string_agg(table_name || ' ' || started_at::text, ',' \
+                                    ORDER BY table_name), '') \
+           FROM cloudmig.table_progress WHERE task_id = {task} AND database = 'slow' \
+            AND state = 'copied'"
+    );
+    let caught: String = dest.query_scalar("postgres", &caught_sql);
+    assert!(
+        !caught.is_empty(),
+        "no table caught between its rows and its indexes"
+    );
+    dest.restart_immediate();
+    expect_phase(&dest, task, "incremental");
+    assert_same_schema(&source, &dest, "slow");
+    assert_same_data(&source, &dest, "slow");
+    assert_progress_complete(&source, &dest, task, &databases(&source));
+
+    let mut client = dest.client("postgres");
+    // Every table of `slow` has its own index build timed, and with one worker, some table's
+    // indexes were done before another table's copy started: per table, not all at the end.
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'indexed' AND index_seconds IS NOT NULL), \
+                    count(*), \
+                    min(indexes_finished_at) < max(started_at) \
+               FROM cloudmig.table_progress WHERE task_id = $1 AND database = 'slow'",
+            &[&task],
+        )
+        .expect("read table_progress");
+    let (timed, total, interleaved): (i64, i64, bool) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (timed, total),
+        (8, 8),
+        "indexes not timed per table:\n{}",
+        task_report(&dest, task)
+    );
+    assert!(
+        interleaved,
+        "indexes were not built table by table:\n{}",
+        task_report(&dest, task)
+    );
+    // The tables caught between their rows and their indexes were not copied again.
+    for entry in caught.split(',') {
+        let (table, started_at) = entry.split_once(' ').unwrap_or((entry, ""));
+        let now: String = dest.query_scalar(
+            "postgres",
+            &format!(
+                "SELECT started_at::text FROM cloudmig.table_progress \
+                  WHERE task_id = {task} AND database = 'slow' AND table_name = '{table}'"
+            ),
+        );
+        assert_eq!(
+            now, started_at,
+            "{table}: its rows were copied again after the crash"
+        );
+    }
+}
+
 #[test]
 fn cancel_stops_the_copy_and_cleans_the_source() {
     let source = bulk_source("cancel-src");

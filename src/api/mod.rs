@@ -50,13 +50,15 @@ CREATE VIEW cloudmig.table_progress AS
 SELECT t.task_id, t.datname AS database, t.schema_name, t.table_name, t.state,
        coalesce(l.rows_copied, t.rows_copied) AS rows_copied,
        coalesce(l.bytes_copied, t.bytes_copied) AS bytes_copied,
-       t.rows_estimated, t.bytes_total, t.sync_lsn, t.started_at, t.finished_at
+       t.rows_estimated, t.bytes_total, t.sync_lsn, t.started_at, t.finished_at,
+       t.indexes_started_at, t.indexes_finished_at,
+       extract(epoch FROM t.indexes_finished_at - t.indexes_started_at)::float8 AS index_seconds
   FROM cloudmig.table_copy t
   LEFT JOIN cloudmig.live_copies() l
          ON l.task_id = t.task_id AND l.datname = t.datname
         AND l.schema_name = t.schema_name AND l.table_name = t.table_name
         AND t.state = 'copying';
-COMMENT ON VIEW cloudmig.table_progress IS 'per table: copy state, rows and bytes copied (live while copying)';
+COMMENT ON VIEW cloudmig.table_progress IS 'per table: copy state, rows and bytes copied (live while copying), time its own indexes took';
 
 CREATE VIEW cloudmig.tasks AS
 WITH per_table AS (

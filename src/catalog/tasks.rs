@@ -421,13 +421,13 @@ pub fn plan_tables(task_id: i64, datname: &str, tables: &[PlannedTable]) -> SpiR
     Ok(())
 }
 
-/// Tables of a database not yet copied, largest first.
+/// Tables of a database not yet copied or not yet indexed, largest first.
 pub fn tables_to_copy(task_id: i64, datname: &str) -> SpiResult<Vec<TableCopy>> {
     Spi::connect(|client| {
         client
             .select(
                 "SELECT datname, schema_name, table_name, state, extension_config FROM cloudmig.table_copy \
-                  WHERE task_id = $1 AND datname = $2 AND state IN ('pending', 'copying') \
+                  WHERE task_id = $1 AND datname = $2 AND state IN ('pending', 'copying', 'copied') \
                   ORDER BY bytes_total DESC, schema_name, table_name",
                 None,
                 &[task_id.into(), datname.into()],
@@ -440,6 +440,29 @@ pub fn tables_to_copy(task_id: i64, datname: &str) -> SpiResult<Vec<TableCopy>> 
                     state: row.get(4)?.unwrap_or_default(),
                     extension_config: row.get(5)?.unwrap_or_default(),
                 })
+            })
+            .collect()
+    })
+}
+
+/// The (schema, table) of every table planned for copy in a database.
+pub fn table_names(
+    task_id: i64,
+    datname: &str,
+) -> SpiResult<std::collections::HashSet<(String, String)>> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT schema_name, table_name FROM cloudmig.table_copy \
+                  WHERE task_id = $1 AND datname = $2",
+                None,
+                &[task_id.into(), datname.into()],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                ))
             })
             .collect()
     })
@@ -474,6 +497,38 @@ pub fn mark_copied(task_id: i64, table: &TableCopy, rows: i64, bytes: i64) -> Sp
             table.table_name.as_str().into(),
             rows.into(),
             bytes.into(),
+        ],
+    )
+}
+
+/// A table's own indexes and constraints are being built.
+pub fn mark_indexing(task_id: i64, table: &TableCopy) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.table_copy SET indexes_started_at = pg_catalog.clock_timestamp(), \
+                indexes_finished_at = NULL \
+          WHERE task_id = $1 AND datname = $2 AND schema_name = $3 AND table_name = $4",
+        &[
+            task_id.into(),
+            table.datname.as_str().into(),
+            table.schema_name.as_str().into(),
+            table.table_name.as_str().into(),
+        ],
+    )
+}
+
+/// A copied table's own indexes and constraints committed here (or it has
+/// none: then they took no time).
+pub fn mark_table_indexed(task_id: i64, table: &TableCopy) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE cloudmig.table_copy SET state = 'indexed', \
+                indexes_finished_at = pg_catalog.clock_timestamp(), \
+                indexes_started_at = coalesce(indexes_started_at, pg_catalog.clock_timestamp()) \
+          WHERE task_id = $1 AND datname = $2 AND schema_name = $3 AND table_name = $4",
+        &[
+            task_id.into(),
+            table.datname.as_str().into(),
+            table.schema_name.as_str().into(),
+            table.table_name.as_str().into(),
         ],
     )
 }

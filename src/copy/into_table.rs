@@ -49,10 +49,15 @@ pub struct CopyStats {
 /// sends them; empty means all) everything `next` yields. `progress(rows,
 /// bytes)` is called after every chunk. Must run inside a transaction; raises
 /// an ERROR (after which the caller aborts) on bad data or a feed error.
+/// `freeze`: write the rows frozen (`COPY ... FREEZE`) when PostgreSQL allows
+/// it, that is when the table was created or truncated in this very
+/// transaction; they are then never rewritten to set hint bits or to be
+/// frozen by vacuum (the index builds that follow read them clean).
 pub fn copy_into(
     schema: &str,
     table: &str,
     columns: &[String],
+    freeze: bool,
     next: &mut NextChunk<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> CopyStats {
@@ -105,7 +110,23 @@ pub fn copy_into(
             pg_sys::makeString(pg_sys::pstrdup(c"UTF8".as_ptr())).cast(),
             -1,
         );
-        let options = pg_sys::lappend(std::ptr::null_mut(), encoding.cast());
+        let mut options = pg_sys::lappend(std::ptr::null_mut(), encoding.cast());
+        // The conditions copy.c's CopyFrom() checks for FREEZE, tested first
+        // so that a table that does not meet them is copied the plain way
+        // instead of failing.
+        let subxact = pg_sys::GetCurrentSubTransactionId();
+        let freeze = freeze
+            && ((*rel).rd_createSubid == subxact || (*rel).rd_newRelfilenodeSubid == subxact)
+            && pg_sys::ThereAreNoPriorRegisteredSnapshots()
+            && pg_sys::ThereAreNoReadyPortals();
+        if freeze {
+            let option = pg_sys::makeDefElem(
+                pg_sys::pstrdup(c"freeze".as_ptr()),
+                pg_sys::makeBoolean(true).cast(),
+                -1,
+            );
+            options = pg_sys::lappend(options, option.cast());
+        }
         // Defaults, CHECK and domain constraints, index expressions and
         // triggers of the migrated schema run with the table owner's rights.
         let owner = crate::owner::AsOwner::switch((*(*rel).rd_rel).relowner);

@@ -362,6 +362,138 @@ pub fn split(script: &str) -> Result<SplitScript, ScriptError> {
     })
 }
 
+/// A post-data script cut in two: what belongs to one copied table alone,
+/// run right after its rows are in, and the rest, run once every table is.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PostDataSplit {
+    /// Per table (schema, name), a script of its own: pg_dump's settings and
+    /// `SET SESSION AUTHORIZATION` in force at each statement, then the
+    /// statement, so it runs as the same owner with the same settings.
+    pub tables: Vec<((String, String), String)>,
+    /// Every other statement, in pg_dump's order (settings and
+    /// authorizations kept as they are).
+    pub rest: String,
+}
+
+/// Cuts a post-data script (`SplitScript::after_connect`) as `pg_restore -j`
+/// schedules it: a table's indexes, its primary key, unique and exclusion
+/// constraints and its `CHECK ... NOT VALID` constraints need only that
+/// table, so they go to `tables` for the tables of `copied`; foreign keys
+/// (which need the referenced table's key), triggers, rules, policies,
+/// comments, index attachments and the objects of tables not copied stay in
+/// `rest`, in their order. A statement is placed by its leading tokens; one
+/// that does not read as one of those forms stays in `rest`.
+pub fn split_post_data(
+    after_connect: &str,
+    copied: &std::collections::HashSet<(String, String)>,
+) -> Result<PostDataSplit, ScriptError> {
+    let mut settings: Vec<(String, String)> = Vec::new();
+    let mut authorization: Option<String> = None;
+    let mut tables: Vec<((String, String), Vec<String>)> = Vec::new();
+    let mut rest = Vec::new();
+    for item in lexer::lex(after_connect)? {
+        let statement = match item {
+            Item::Statement(statement) => statement,
+            Item::MetaCommand { name, line, .. } => {
+                return Err(ScriptError::UnexpectedMetaCommand { name, line })
+            }
+        };
+        refuse_standard_strings_off(&statement)?;
+        match classify(&statement) {
+            Class::Authorization(_) => authorization = Some(statement.clone()),
+            Class::Setting => {
+                // The latest value of each setting is the one in force.
+                let key = lexer::leading_tokens(&statement, 2)
+                    .into_iter()
+                    .map(|t| format!("{t:?}").to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                settings.retain(|(k, _)| *k != key);
+                settings.push((key, statement.clone()));
+            }
+            _ => {
+                if let Some(target) = table_of(&statement).filter(|t| copied.contains(t)) {
+                    let mut script: Vec<String> = settings.iter().map(|(_, s)| s.clone()).collect();
+                    script.extend(authorization.clone());
+                    script.push(statement);
+                    match tables.iter_mut().find(|(name, _)| *name == target) {
+                        Some((_, statements)) => statements.extend(script),
+                        None => tables.push((target, script)),
+                    }
+                    continue;
+                }
+            }
+        }
+        rest.push(statement);
+    }
+    Ok(PostDataSplit {
+        tables: tables
+            .into_iter()
+            .map(|(name, statements)| (name, join(&statements)))
+            .collect(),
+        rest: join(&rest),
+    })
+}
+
+/// The table a post-data statement concerns when it needs that table alone:
+/// `CREATE [UNIQUE] INDEX name ON [ONLY] schema.table ...` and `ALTER TABLE
+/// [ONLY] schema.table ADD CONSTRAINT name {PRIMARY KEY | UNIQUE | EXCLUDE |
+/// CHECK}`, as pg_dump writes them (schema-qualified).
+fn table_of(statement: &str) -> Option<(String, String)> {
+    let tokens = lexer::leading_tokens(statement, 16);
+    let word = |i: usize| match tokens.get(i) {
+        Some(Token::Word(w)) => w.to_ascii_uppercase(),
+        _ => String::new(),
+    };
+    let name = |i: usize| match tokens.get(i) {
+        Some(Token::Word(w)) => Some(w.to_ascii_lowercase()),
+        Some(Token::QuotedIdent(q)) => Some(q.clone()),
+        _ => None,
+    };
+    let qualified = |i: usize| -> Option<(String, String)> {
+        match (name(i), tokens.get(i + 1), name(i + 2)) {
+            (Some(schema), Some(Token::Symbol('.')), Some(table)) => Some((schema, table)),
+            _ => None,
+        }
+    };
+    match (word(0).as_str(), word(1).as_str()) {
+        ("CREATE", "INDEX" | "UNIQUE") => {
+            let mut at = if word(1) == "UNIQUE" { 2 } else { 1 };
+            if word(at) != "INDEX" {
+                return None;
+            }
+            at += 1;
+            name(at)?; // pg_dump always names the index
+            at += 1;
+            if word(at) != "ON" {
+                return None;
+            }
+            at += 1;
+            if word(at) == "ONLY" {
+                at += 1;
+            }
+            qualified(at)
+        }
+        ("ALTER", "TABLE") => {
+            let mut at = 2;
+            if word(at) == "ONLY" {
+                at += 1;
+            }
+            let table = qualified(at)?;
+            at += 3;
+            if word(at) != "ADD" || word(at + 1) != "CONSTRAINT" {
+                return None;
+            }
+            name(at + 2)?;
+            match (word(at + 3).as_str(), word(at + 4).as_str()) {
+                ("PRIMARY", "KEY") | ("UNIQUE", _) | ("EXCLUDE", _) | ("CHECK", _) => Some(table),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// The statements of a script that holds no `\connect` (pg_dumpall
 /// `--roles-only`), `\restrict`/`\unrestrict` dropped, with the same checks
 /// as [`split`].
@@ -469,6 +601,71 @@ fn join(statements: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn post_data_is_cut_per_table() {
+        let script = "SET statement_timeout = 0;\n\
+            SELECT pg_catalog.set_config('search_path', '', false);\n\
+            SET default_tablespace = '';\n\
+            SET SESSION AUTHORIZATION 'alice';\n\
+            --\n-- Name: t t_pkey; Type: CONSTRAINT\n--\n\
+            ALTER TABLE ONLY public.t\n    ADD CONSTRAINT t_pkey PRIMARY KEY (id);\n\
+            SET SESSION AUTHORIZATION \"Bob\";\n\
+            CREATE UNIQUE INDEX \"U\" ON \"My\".\"T 2\" USING btree (a);\n\
+            SET default_tablespace = fast;\n\
+            CREATE INDEX t_a ON ONLY public.t USING btree (a);\n\
+            CREATE INDEX p_a ON ONLY public.parent USING btree (a);\n\
+            ALTER TABLE public.t\n    ADD CONSTRAINT c CHECK ((a > 0)) NOT VALID;\n\
+            ALTER TABLE ONLY public.t\n    ADD CONSTRAINT t_fk FOREIGN KEY (a) REFERENCES public.u(id);\n\
+            ALTER INDEX public.p_a ATTACH PARTITION public.t_a;\n";
+        let copied: std::collections::HashSet<(String, String)> = [
+            ("public".to_string(), "t".to_string()),
+            ("My".to_string(), "T 2".to_string()),
+            ("public".to_string(), "u".to_string()),
+        ]
+        .into();
+        let split = split_post_data(script, &copied).unwrap();
+        let names: Vec<_> = split.tables.iter().map(|(n, _)| n.1.as_str()).collect();
+        assert_eq!(names, ["t", "T 2"]);
+        let t = steps(&split.tables[0].1).unwrap();
+        let runs: Vec<(Option<String>, String)> = t
+            .iter()
+            .filter_map(|s| match s {
+                Step::Run {
+                    owner, statement, ..
+                } => Some((owner.clone(), leading_words(statement, 2).join(" "))),
+                Step::Setting(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                (Some("alice".to_string()), "ALTER TABLE".to_string()),
+                (Some("Bob".to_string()), "CREATE INDEX".to_string()),
+                (Some("Bob".to_string()), "ALTER TABLE".to_string()),
+            ]
+        );
+        // The tablespace in force at the index is the one it is built with.
+        assert!(split.tables[0].1.contains(
+            "SET default_tablespace = fast;\nSET SESSION AUTHORIZATION \"Bob\";\nCREATE INDEX t_a"
+        ));
+        let rest = steps(&split.rest).unwrap();
+        let rest: Vec<String> = rest
+            .iter()
+            .filter_map(|s| match s {
+                Step::Run { statement, .. } => Some(describe(statement)),
+                Step::Setting(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            rest,
+            [
+                "CREATE INDEX p_a ON ONLY public.parent USING btree",
+                "ALTER TABLE ONLY public.t ADD CONSTRAINT t_fk FOREIGN KEY",
+                "ALTER INDEX public.p_a ATTACH PARTITION public.t_a",
+            ]
+        );
+    }
 
     const CREATE_DUMP: &str = "\\restrict abc123\n\
         --\n-- PostgreSQL database dump\n--\n\

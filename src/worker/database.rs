@@ -149,7 +149,7 @@ fn run_job(
 ) -> Result<(), Failure> {
     let snapshot = job.snapshot.get();
     match job.kind {
-        JobKind::ApplyScript => {
+        JobKind::ApplyScript | JobKind::TableIndexes => {
             let path = job.path.get();
             let sql = std::fs::read_to_string(&path)
                 .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
@@ -228,7 +228,12 @@ pub fn skipped_path(script_path: &str) -> String {
 }
 
 /// Copies one table: its rows at the session's snapshot replace whatever an
-/// interrupted earlier attempt left, in one local transaction.
+/// interrupted earlier attempt left (`truncate_first`, also an extension's
+/// defaults), in one local transaction. An empty table is truncated too: that
+/// costs a new empty file, and a table truncated in the transaction of the
+/// COPY takes its rows frozen (see `into_table::copy_into`). A table that is
+/// not empty otherwise keeps its rows: code of the migrated schema that ran
+/// here (an index expression of another table writing into it) put them.
 fn copy_table(
     index: usize,
     connection: &mut Connection,
@@ -265,7 +270,12 @@ fn copy_table(
     // as the outage it is.
     let lost: std::cell::RefCell<Option<Failure>> = std::cell::RefCell::new(None);
     let copied = txn::run(|| {
-        if truncate_first {
+        // Locked first, so no row can come between the look and the TRUNCATE.
+        execute::run_utf8(&format!(
+            "LOCK TABLE ONLY {qualified} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .map_err(|e| Failure::new(e.to_string()))?;
+        if truncate_first || is_empty(&qualified)? {
             execute::run_utf8(&format!("TRUNCATE ONLY {qualified}"))
                 .map_err(|e| Failure::new(e.to_string()))?;
         }
@@ -284,7 +294,7 @@ fn copy_table(
             slots[index].rows = rows;
             slots[index].bytes = bytes;
         };
-        let stats = into_table::copy_into(schema, table, &columns, &mut next, &mut progress);
+        let stats = into_table::copy_into(schema, table, &columns, true, &mut next, &mut progress);
         // The source's own count ("COPY n") is exact; ours counts lines.
         let rows = copy.rows().unwrap_or(stats.rows);
         let mut slots = JOBS.exclusive();
@@ -296,6 +306,17 @@ fn copy_table(
         Some(source) if source.transient => source,
         _ => failure,
     })
+}
+
+/// Whether the local table `qualified` has no row (inside a transaction).
+fn is_empty(qualified: &str) -> Result<bool, Failure> {
+    let spi_failure = |e: crate::apply::spi::SpiFailure| Failure::new(e.to_string());
+    crate::apply::spi::connect().map_err(spi_failure)?;
+    let rows =
+        crate::apply::spi::query(&format!("SELECT NOT EXISTS (SELECT FROM ONLY {qualified})"));
+    crate::apply::spi::finish();
+    let rows = rows.map_err(spi_failure)?;
+    Ok(rows.first().and_then(|row| row.first()).cloned().flatten() == Some("t".to_string()))
 }
 
 /// Counts (and checksums) the rows of the tables listed in `path`

@@ -38,6 +38,10 @@ pub struct JobResult {
     pub bytes: u64,
 }
 
+/// Called when a job finished; returns the jobs it makes due (see
+/// [`run_chained`]).
+pub type FollowUps<'a> = dyn FnMut(&Job, JobResult) -> Result<Vec<Job>, Failure> + 'a;
+
 /// Why a batch of jobs stopped early.
 #[derive(Debug)]
 pub enum Stop {
@@ -65,6 +69,31 @@ pub fn run(
     should_stop: &dyn Fn() -> Option<Stop>,
     on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
     on_done: &mut dyn FnMut(&Job, JobResult) -> Result<(), Failure>,
+) -> Result<(), Stop> {
+    run_chained(
+        task_id,
+        database,
+        jobs,
+        workers,
+        should_stop,
+        on_assign,
+        &mut |job, result| on_done(job, result).map(|()| Vec::new()),
+    )
+}
+
+/// As [`run`], but the jobs `on_done` returns go to the front of the queue,
+/// so the worker that just finished a job takes the first of them in the
+/// same pass: a table's indexes are built by the worker that copied it, right
+/// after its rows, while the other workers go on copying (as `pg_restore -j`
+/// schedules a table's indexes once its data is restored).
+pub fn run_chained(
+    task_id: i64,
+    database: &str,
+    jobs: Vec<Job>,
+    workers: usize,
+    should_stop: &dyn Fn() -> Option<Stop>,
+    on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
+    on_done: &mut FollowUps<'_>,
 ) -> Result<(), Stop> {
     let count = workers.clamp(1, MAX_JOB_SLOTS).min(jobs.len().max(1));
     {
@@ -129,7 +158,7 @@ fn dispatch(
     handles: &[DynamicBackgroundWorker],
     should_stop: &dyn Fn() -> Option<Stop>,
     on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
-    on_done: &mut dyn FnMut(&Job, JobResult) -> Result<(), Failure>,
+    on_done: &mut FollowUps<'_>,
 ) -> Result<(), Stop> {
     let mut queue: VecDeque<Job> = jobs.into();
     let mut running: Vec<Option<Job>> = vec![None; count];
@@ -157,7 +186,10 @@ fn dispatch(
             let free = match state {
                 JobState::Done => {
                     if let Some(job) = running[index].take() {
-                        txn::run(|| on_done(&job, result))?;
+                        let next = txn::run(|| on_done(&job, result))?;
+                        for follow_up in next.into_iter().rev() {
+                            queue.push_front(follow_up);
+                        }
                     }
                     JOBS.exclusive()[index].state = JobState::Free;
                     true
@@ -230,6 +262,10 @@ fn describe(job: &Job) -> String {
     match job.kind {
         JobKind::CopyTable => format!("copying {}.{}", job.schema, job.table),
         JobKind::ApplyScript => "applying the schema".to_string(),
+        JobKind::TableIndexes => format!(
+            "building the indexes and constraints of {}.{}",
+            job.schema, job.table
+        ),
         JobKind::CopySequences => "copying sequences".to_string(),
         JobKind::CopyLargeObjects => "copying large objects".to_string(),
         JobKind::RefreshMaterializedViews => "refreshing materialized views".to_string(),

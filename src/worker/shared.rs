@@ -243,6 +243,10 @@ pub enum JobKind {
     /// Set sequences, recreate large objects and refresh materialized views
     /// from what the task worker read on the source (the JSON lines of `path`).
     ApplyObjects = 7,
+    /// Run the script in `path`: the indexes and constraints of the table
+    /// `schema`.`table` alone (see `script::split_post_data`), as an
+    /// ApplyScript job does.
+    TableIndexes = 8,
 }
 
 /// One database worker's mailbox.
@@ -257,7 +261,8 @@ pub struct JobSlot {
     pub table: FixedText<64>,
     pub snapshot: FixedText<64>,
     pub path: FixedText<512>,
-    /// Empty the table before copying (an interrupted earlier copy).
+    /// Empty the table before copying (an interrupted earlier copy, an
+    /// extension's defaults).
     pub truncate_first: bool,
     /// The task resumed: a script may have been applied by the attempt that
     /// died before recording it.

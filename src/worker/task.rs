@@ -8,10 +8,13 @@
 //!   --section=pre-data --snapshot`; the database created here (top level) and
 //!   the rest applied inside it by a database worker;
 //! * `full_copy`: the tables planned from the source at the snapshot, copied
-//!   by up to `copy_workers` database workers, largest first, then sequences
-//!   and large objects at the same snapshot;
-//! * `post_data`: indexes, constraints, triggers (pg_dump post-data), then
-//!   materialized views refreshed; the snapshots are released.
+//!   by up to `copy_workers` database workers, largest first, each table's
+//!   own indexes and constraints (its part of pg_dump's post-data) built by
+//!   the worker that copied it right after its rows, as `pg_restore -j` does;
+//!   then sequences and large objects at the same snapshot;
+//! * `post_data`: the rest of post-data (foreign keys, triggers, rules,
+//!   policies, ...), then materialized views refreshed; the snapshots are
+//!   released.
 //!
 //! Resuming (the worker died or the destination restarted): every step is
 //! recorded per database and per table, so a new worker continues where the
@@ -21,7 +24,12 @@
 //! theirs, and the permanent slot keeps every change since the first
 //! snapshot. Applying a table's changes then skips transactions committed at
 //! or before its `sync_lsn`, as PostgreSQL's tablesync does, so the result is
-//! consistent. A table whose copy was interrupted is emptied and copied again.
+//! consistent. A table whose copy was interrupted is emptied and copied again;
+//! a table copied whose indexes were not recorded gets them then (their
+//! script is one transaction: all there, or none).
+//!
+//! Table states: pending -> copying -> copied -> indexed (a table with no
+//! index or constraint of its own goes from copying to indexed at once).
 
 use super::jobs::{self, Job, JobResult, Stop};
 use super::outage::Outage;
@@ -747,7 +755,7 @@ impl Runner {
 
     /// Records as warning events what an ApplyScript job left out.
     fn record_skipped_statements(&self, datname: &str, job: &Job) -> Result<(), Failure> {
-        if job.kind != JobKind::ApplyScript {
+        if !matches!(job.kind, JobKind::ApplyScript | JobKind::TableIndexes) {
             return Ok(());
         }
         let path = super::database::skipped_path(&job.path);
@@ -867,7 +875,7 @@ impl Runner {
 
     fn copy_data(&mut self) -> Result<(), Stop> {
         let task_id = self.task.id;
-        for database in self.databases()? {
+        for (ordinal, database) in self.databases()?.into_iter().enumerate() {
             self.check()?;
             if database.state != "schema_applied" {
                 continue;
@@ -892,20 +900,31 @@ impl Runner {
             let planned = self.plan(&datname, &snapshot)?;
             txn::spi(|| tasks::plan_tables(task_id, &datname, &planned))?;
             let tables = txn::spi(|| tasks::tables_to_copy(task_id, &datname))?;
+            // Each table's own indexes and constraints, built right after its
+            // rows by the worker that copied it; the rest waits for post-data.
+            let index_scripts = self.post_data_scripts(ordinal, &datname, &snapshot)?;
             let mut by_name: HashMap<(String, String), TableCopy> = HashMap::new();
             let mut queue = Vec::new();
             for table in tables {
-                queue.push(Job {
-                    kind: JobKind::CopyTable,
-                    schema: table.schema_name.clone(),
-                    table: table.table_name.clone(),
-                    snapshot: snapshot.clone(),
-                    // An interrupted copy, or an extension's defaults to replace.
-                    truncate_first: table.state == "copying" || table.extension_config,
-                    ..Job::default()
-                });
-                by_name.insert((table.schema_name.clone(), table.table_name.clone()), table);
+                let name = (table.schema_name.clone(), table.table_name.clone());
+                if table.state == "copied" {
+                    // Its rows committed, its indexes may have (see JobSlot::resuming).
+                    queue.extend(index_job(&index_scripts, &name, true, self.caller()));
+                } else {
+                    queue.push(Job {
+                        kind: JobKind::CopyTable,
+                        schema: table.schema_name.clone(),
+                        table: table.table_name.clone(),
+                        snapshot: snapshot.clone(),
+                        // An interrupted copy, or an extension's defaults to replace.
+                        truncate_first: table.state == "copying" || table.extension_config,
+                        ..Job::default()
+                    });
+                }
+                by_name.insert(name, table);
             }
+            // Resumed index builds first, then the copies largest first.
+            queue.sort_by_key(|job| job.kind != JobKind::TableIndexes);
             for kind in [JobKind::CopySequences, JobKind::CopyLargeObjects] {
                 queue.push(Job {
                     kind,
@@ -914,26 +933,49 @@ impl Runner {
                 });
             }
             let tables_copied = std::cell::Cell::new(0u64);
+            let tables_indexed = std::cell::Cell::new(0u64);
             let rows_copied = std::cell::Cell::new(0u64);
-            self.run_jobs(
+            let caller = self.caller();
+            let table_of = |job: &Job| by_name.get(&(job.schema.clone(), job.table.clone()));
+            jobs::run_chained(
+                task_id,
                 &datname,
                 queue,
                 self.copy_workers,
-                &mut |job| match by_name.get(&(job.schema.clone(), job.table.clone())) {
-                    Some(table) if job.kind == JobKind::CopyTable => {
+                &|| self.should_stop(),
+                &mut |job| match (job.kind, table_of(job)) {
+                    (JobKind::CopyTable, Some(table)) => {
                         tasks::mark_copying(task_id, table, &sync_lsn)
                             .map_err(|e| Failure::new(e.to_string()))
                     }
+                    (JobKind::TableIndexes, Some(table)) => tasks::mark_indexing(task_id, table)
+                        .map_err(|e| Failure::new(e.to_string())),
                     _ => Ok(()),
                 },
-                &mut |job, result| match by_name.get(&(job.schema.clone(), job.table.clone())) {
-                    Some(table) if job.kind == JobKind::CopyTable => {
+                &mut |job, result| match (job.kind, table_of(job)) {
+                    (JobKind::CopyTable, Some(table)) => {
                         tables_copied.set(tables_copied.get() + 1);
                         rows_copied.set(rows_copied.get() + result.rows);
+                        let to_catalog = |e: pgrx::spi::Error| Failure::new(e.to_string());
                         tasks::mark_copied(task_id, table, result.rows as i64, result.bytes as i64)
-                            .map_err(|e| Failure::new(e.to_string()))
+                            .map_err(to_catalog)?;
+                        let name = (job.schema.clone(), job.table.clone());
+                        let next: Vec<Job> = index_job(&index_scripts, &name, false, caller)
+                            .into_iter()
+                            .collect();
+                        if next.is_empty() {
+                            tasks::mark_table_indexed(task_id, table).map_err(to_catalog)?;
+                        }
+                        Ok(next)
                     }
-                    _ => Ok(()),
+                    (JobKind::TableIndexes, Some(table)) => {
+                        tables_indexed.set(tables_indexed.get() + 1);
+                        self.record_skipped_statements(&datname, job)?;
+                        tasks::mark_table_indexed(task_id, table)
+                            .map_err(|e| Failure::new(e.to_string()))?;
+                        Ok(Vec::new())
+                    }
+                    _ => Ok(Vec::new()),
                 },
             )?;
             self.set_database_state(&datname, "copied", None)?;
@@ -941,13 +983,66 @@ impl Runner {
                 Some(&datname),
                 "info",
                 &format!(
-                    "data copied: {} table(s), {} row(s), sequences and large objects",
+                    "data copied: {} table(s), {} row(s), sequences and large objects; \
+                     indexes and constraints of {} table(s) built right after their rows",
                     tables_copied.get(),
-                    rows_copied.get()
+                    rows_copied.get(),
+                    tables_indexed.get()
                 ),
             )?;
         }
         Ok(())
+    }
+
+    /// pg_dump's post-data section of `datname` at `snapshot`, cut by
+    /// `script::split_post_data` against every table planned for copy: the
+    /// tables' own scripts are written to files (by table), the rest to
+    /// `post-data-<ordinal>.sql`, which [`Self::apply_post_data`] runs.
+    fn post_data_scripts(
+        &self,
+        ordinal: usize,
+        datname: &str,
+        snapshot: &str,
+    ) -> Result<HashMap<(String, String), String>, Stop> {
+        let mut args = vec![
+            "--schema-only".to_string(),
+            "--section=post-data".to_string(),
+            "--use-set-session-authorization".to_string(),
+            "--no-publications".to_string(),
+            "--no-subscriptions".to_string(),
+        ];
+        if !snapshot.is_empty() {
+            args.push(format!("--snapshot={snapshot}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let dump = self.dump("pg_dump", &args, datname)?;
+        let refused = |e: script::ScriptError| {
+            Stop::Failed(Failure::with_hint(
+                format!("post-data schema dump of {datname} refused: {e}"),
+                e.hint(),
+            ))
+        };
+        let split = script::split(&dump).map_err(refused)?;
+        let task_id = self.task.id;
+        let planned = txn::spi(|| tasks::table_names(task_id, datname))?;
+        let cut = script::split_post_data(&split.after_connect, &planned).map_err(refused)?;
+        let mut paths = HashMap::new();
+        for (number, (name, sql)) in cut.tables.into_iter().enumerate() {
+            let path = self.write_script(
+                &format!("post-data-{ordinal}-table-{number}.sql"),
+                &sql,
+                "post-data",
+                datname,
+            )?;
+            paths.insert(name, path);
+        }
+        self.write_script(
+            &format!("post-data-{ordinal}.sql"),
+            &cut.rest,
+            "post-data",
+            datname,
+        )?;
+        Ok(paths)
     }
 
     /// The tables of a source database, read at the snapshot.
@@ -995,35 +1090,17 @@ impl Runner {
                 .snapshot_of(&datname)
                 .map(|(name, _)| name)
                 .unwrap_or_default();
-            let mut args = vec![
-                "--schema-only".to_string(),
-                "--section=post-data".to_string(),
-                "--use-set-session-authorization".to_string(),
-                "--no-publications".to_string(),
-                "--no-subscriptions".to_string(),
-            ];
-            if !snapshot.is_empty() {
-                args.push(format!("--snapshot={snapshot}"));
+            // What the tables' own scripts left, written by the copy (again
+            // from the source if the file is gone).
+            let path = self.work_dir.join(format!("post-data-{ordinal}.sql"));
+            if !path.exists() {
+                self.post_data_scripts(ordinal, &datname, &snapshot)?;
             }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let dump = self.dump("pg_dump", &args, &datname)?;
-            let split = script::split(&dump).map_err(|e| {
-                Stop::Failed(Failure::with_hint(
-                    format!("post-data schema dump of {datname} refused: {e}"),
-                    e.hint(),
-                ))
-            })?;
-            let path = self.write_script(
-                &format!("post-data-{ordinal}.sql"),
-                &split.after_connect,
-                "post-data",
-                &datname,
-            )?;
             let jobs = vec![
                 Job {
                     kind: JobKind::ApplyScript,
                     resuming: self.resumed,
-                    path,
+                    path: path.display().to_string(),
                     caller: self.caller(),
                     ..Job::default()
                 },
@@ -1042,11 +1119,30 @@ impl Runner {
             self.event(
                 Some(&datname),
                 "info",
-                "indexes, constraints and triggers created; materialized views refreshed",
+                "foreign keys, triggers and the rest of post-data created; materialized views refreshed",
             )?;
         }
         Ok(())
     }
+}
+
+/// The job that builds the indexes and constraints of table `name` alone,
+/// if it has any (see `script::split_post_data`).
+fn index_job(
+    scripts: &HashMap<(String, String), String>,
+    name: &(String, String),
+    resuming: bool,
+    caller: pg_sys::Oid,
+) -> Option<Job> {
+    scripts.get(name).map(|path| Job {
+        kind: JobKind::TableIndexes,
+        schema: name.0.clone(),
+        table: name.1.clone(),
+        path: path.clone(),
+        resuming,
+        caller,
+        ..Job::default()
+    })
 }
 
 /// Private scratch directory of a task (pg_dump output, temporary passfiles),

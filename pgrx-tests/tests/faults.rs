@@ -105,6 +105,16 @@ fn destination_kill9_of_a_worker_in_each_phase() {
         } else {
             "cloudmig apply"
         };
+        // The copy phase starts with the post-data dump; its workers come after.
+        poll_until(
+            &s.dest,
+            "postgres",
+            &format!(
+                "SELECT count(*) > 0 FROM pg_catalog.pg_stat_activity WHERE backend_type = '{victim}'"
+            ),
+            "t",
+            TIMEOUT,
+        );
         let killed = s.dest.kill9(victim);
         assert!(killed > 0, "no {victim} ran in {phase}");
     });

@@ -565,6 +565,11 @@ enum SessionEnd {
     Paused(Box<shape_pause::Paused>),
 }
 
+/// `replication slot "..." is active for PID ...` (object_in_use).
+fn slot_held_by_another_session(error: &crate::source::SourceError) -> bool {
+    matches!(error, crate::source::SourceError::Server(e) if e.code == "55006")
+}
+
 fn lost(context: &str, error: &crate::source::SourceError) -> SessionEnd {
     let failure = Failure::from_source(context, error);
     if failure.transient {
@@ -604,7 +609,18 @@ fn stream_session(
     pgoutput.messages = true;
     let mut stream = connection
         .start_pgoutput(&start.slot_name, from, &pgoutput)
-        .map_err(|e| lost("could not start streaming", &e))?;
+        .map_err(|e| {
+            if slot_held_by_another_session(&e) {
+                // The walsender of a session given up on (a black-holed
+                // link: the source never saw it end) holds the slot until
+                // its wal_sender_timeout; waited for like an outage.
+                let mut failure = Failure::from_source("could not start streaming", &e);
+                failure.transient = true;
+                SessionEnd::Retry(Interruption::Stream(failure))
+            } else {
+                lost("could not start streaming", &e)
+            }
+        })?;
 
     // Relation messages come again on a new stream.
     let mut decoder = Decoder::new();

@@ -60,28 +60,8 @@ impl From<Failure> for Stop {
 
 /// Runs `jobs` in database `database` on up to `workers` database workers,
 /// in order of the queue. `on_assign` runs (in its own transaction) before a
-/// job is handed out, `on_done` after it finished. `should_stop` is polled.
-pub fn run(
-    task_id: i64,
-    database: &str,
-    jobs: Vec<Job>,
-    workers: usize,
-    should_stop: &dyn Fn() -> Option<Stop>,
-    on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
-    on_done: &mut dyn FnMut(&Job, JobResult) -> Result<(), Failure>,
-) -> Result<(), Stop> {
-    run_chained(
-        task_id,
-        database,
-        jobs,
-        workers,
-        should_stop,
-        on_assign,
-        &mut |job, result| on_done(job, result).map(|()| Vec::new()),
-    )
-}
-
-/// As [`run`], but the jobs `on_done` returns go to the front of the queue,
+/// job is handed out, `on_done` after it finished; `should_stop` is polled.
+/// The jobs `on_done` returns go to the front of the queue,
 /// so the worker that just finished a job takes the first of them in the
 /// same pass: a table's indexes are built by the worker that copied it, right
 /// after its rows, while the other workers go on copying (as `pg_restore -j`

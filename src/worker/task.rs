@@ -376,7 +376,45 @@ impl Runner {
             &self.work_dir,
             txn::interrupt_check,
         )
-        .map_err(|e| Stop::Failed(Failure::new(e.to_string())))
+        .map_err(|e| {
+            let mut failure = Failure::new(e.to_string());
+            failure.transient = self.dump_lost_the_source(&failure.message, dbname);
+            Stop::Failed(failure)
+        })
+    }
+
+    /// Whether a failed pg_dump or pg_dumpall met an outage of the source
+    /// rather than something retrying cannot mend. The programs report a lost
+    /// server only as text, so: the source cannot be reached now (connection
+    /// errors are classified as for our own connections), or the message is
+    /// one libpq or the server gives for a session cut short (a restart the
+    /// program did not outlive, the exported snapshot gone with it). Failures
+    /// to authenticate or a refused statement stay final.
+    fn dump_lost_the_source(&self, message: &str, dbname: &str) -> bool {
+        const CUT_SHORT: [&str; 9] = [
+            "server closed the connection unexpectedly",
+            "could not receive data from server",
+            "could not send data to server",
+            "no connection to the server",
+            "SSL SYSCALL error",
+            "terminating connection due to administrator command",
+            "the database system is shutting down",
+            "the database system is starting up",
+            "invalid snapshot identifier",
+        ];
+        if CUT_SHORT.iter().any(|cut| message.contains(cut)) {
+            return true;
+        }
+        let mut options = ConnectOptions::new();
+        options.io_timeout = crate::guc::source_timeout();
+        options.interrupt_check = Some(Box::new(txn::interrupt_check));
+        match Connection::connect(&self.info.with_dbname(dbname), options) {
+            Ok(probe) => {
+                probe.close();
+                false
+            }
+            Err(error) => txn::source_unavailable(&error),
+        }
     }
 
     /// What the role that started this task may grant (see
@@ -661,8 +699,23 @@ impl Runner {
         on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
         on_done: &mut dyn FnMut(&Job, JobResult) -> Result<(), Failure>,
     ) -> Result<(), Stop> {
+        self.run_chained_jobs(database, jobs, workers, on_assign, &mut |job, result| {
+            on_done(job, result).map(|()| Vec::new())
+        })
+    }
+
+    /// As [`Self::run_jobs`], with the follow-up jobs `on_done` returns (see
+    /// [`jobs::run_chained`]).
+    pub(super) fn run_chained_jobs(
+        &self,
+        database: &str,
+        jobs: Vec<Job>,
+        workers: usize,
+        on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
+        on_done: &mut jobs::FollowUps<'_>,
+    ) -> Result<(), Stop> {
         let watch = std::cell::RefCell::new((SlotWatch::new(), None));
-        jobs::run(
+        jobs::run_chained(
             self.task.id,
             database,
             jobs,
@@ -937,12 +990,10 @@ impl Runner {
             let rows_copied = std::cell::Cell::new(0u64);
             let caller = self.caller();
             let table_of = |job: &Job| by_name.get(&(job.schema.clone(), job.table.clone()));
-            jobs::run_chained(
-                task_id,
+            self.run_chained_jobs(
                 &datname,
                 queue,
                 self.copy_workers,
-                &|| self.should_stop(),
                 &mut |job| match (job.kind, table_of(job)) {
                     (JobKind::CopyTable, Some(table)) => {
                         tasks::mark_copying(task_id, table, &sync_lsn)

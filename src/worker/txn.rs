@@ -34,7 +34,9 @@ impl std::fmt::Display for Failure {
 
 impl Failure {
     /// Whether a local ERROR said an object exists already (a schema script
-    /// that a resumed task applied once before, but could not record).
+    /// that a resumed task applied once before, but could not record). A
+    /// table's primary key added again says "multiple primary keys for table"
+    /// (invalid_table_definition) rather than "already exists".
     pub fn is_duplicate_object(&self) -> bool {
         use pgrx::PgSqlErrorCode::*;
         matches!(
@@ -44,6 +46,7 @@ impl Failure {
                     | ERRCODE_DUPLICATE_OBJECT
                     | ERRCODE_DUPLICATE_SCHEMA
                     | ERRCODE_DUPLICATE_FUNCTION
+                    | ERRCODE_INVALID_TABLE_DEFINITION
             )
         )
     }

@@ -1,11 +1,11 @@
 //! End to end, fault injection (the fast part; tests/faults_slow.rs has the long ones): the
 //! source restarts, the destination crashes, the network black-holes and resets, walsenders
-//! die, a slot is invalidated, and awkward changes (TRUNCATE CASCADE / RESTART IDENTITY,
-//! descending, cycling and identity sequences, large objects written after the copy, large
-//! transactions with savepoints and aborted ones decoded with 64 kB of memory) arrive. Every
-//! scenario ends with the same verdict (`cloudmig_e2e::verdict`): same rows and checksums, no
-//! duplicates in keyless tables, nothing of cloudmig left on either side, and a status row and
-//! events that say what happened.
+//! die, the destination's disk fills up and is freed, a slot is invalidated, and awkward
+//! changes (TRUNCATE CASCADE / RESTART IDENTITY, descending, cycling and identity sequences,
+//! large objects written after the copy, large transactions with savepoints and aborted ones
+//! decoded with 64 kB of memory) arrive. Every scenario ends with the same verdict
+//! (`cloudmig_e2e::verdict`): same rows and checksums, no duplicates in keyless tables, nothing
+//! of cloudmig left on either side, and a status row and events that say what happened.
 //!
 //! The source is reached through a `Proxy`; a rate limit on it makes the copy and the catch-up
 //! last long enough for a fault to hit them.
@@ -15,7 +15,10 @@ use cloudmig_e2e::faults::{scenario, Scenario};
 use cloudmig_e2e::migration::events;
 use cloudmig_e2e::proxy::Direction;
 use cloudmig_e2e::verdict::{assert_verdict, Expect};
-use cloudmig_e2e::{poll_until, Cluster};
+use cloudmig_e2e::{chown_to_server, poll_until, Cluster};
+use std::io::{ErrorKind, Write};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -215,6 +218,140 @@ fn walsenders_terminated_under_load() {
     s.caught_up();
     assert_eq!(s.phase(), "incremental", "{}", events(&s.dest, s.task));
     completed(&s, &["terminating connection", "streaming again"]);
+}
+
+/// A small tmpfs mounted under a cluster's directory for a tablespace of the destination;
+/// unmounted on drop, also when the test fails (lazily: the server may still hold files
+/// open in it), before the cluster's directory is removed.
+struct SmallDisk {
+    dir: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `megabytes` at `dir` (created), owned by the server user.
+    fn mount(dir: PathBuf, megabytes: u32) -> SmallDisk {
+        std::fs::create_dir_all(&dir).expect("the mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount -t tmpfs on {}", dir.display());
+        let disk = SmallDisk { dir };
+        chown_to_server(&disk.dir).expect("chown the tmpfs to the server user");
+        disk
+    }
+
+    /// The filler file that takes the room of this disk.
+    fn filler(&self) -> PathBuf {
+        self.dir.join("filler")
+    }
+
+    /// Fills the disk with the filler file until only `left` bytes are free.
+    fn fill_leaving(&self, left: u64) {
+        let mut file = std::fs::File::create(self.filler()).expect("create the filler");
+        let chunk = vec![0u8; 1 << 20];
+        let mut written: u64 = 0;
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.kind() == ErrorKind::StorageFull => break,
+                Err(e) => panic!("write the filler: {e}"),
+            }
+        }
+        file.set_len(written.saturating_sub(left))
+            .expect("shrink the filler");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn destination_disk_full_then_freed() {
+    let s = scenario(
+        "f-disk-full",
+        1000,
+        "",
+        &[],
+        // The disk stays full for as long as the test needs: longer than a default window.
+        &["cloudmig.source_retry_timeout = 900"],
+        |_| {},
+    );
+    s.wait("incremental");
+    s.write(1);
+    s.caught_up();
+    // `items` moves here to a tablespace on a 32 MB disk, filled but for 256 kB.
+    let disk = SmallDisk::mount(s.dest.dir.join("small-disk"), 32);
+    let location = disk.dir.join("tablespace");
+    std::fs::create_dir(&location).expect("the tablespace's directory");
+    chown_to_server(&location).expect("chown the tablespace's directory");
+    s.dest.execute(
+        "postgres",
+        &format!("CREATE TABLESPACE small LOCATION '{}'", location.display()),
+    );
+    s.dest
+        .execute("app", "ALTER TABLE items SET TABLESPACE small");
+    disk.fill_leaving(256 * 1024);
+    // ~12 MB of rows for `items`: the apply cannot extend its file.
+    s.source.execute(
+        "app",
+        "INSERT INTO items (name) SELECT repeat('full ', 40) || i FROM generate_series(1, 50000) i",
+    );
+    s.write(2);
+    // Transient: the apply retries (twice at least, while the disk is still full) and the
+    // task rides it out; its status row says why it waits.
+    poll_until(
+        &s.dest,
+        "postgres",
+        &format!(
+            "SELECT outage_attempts >= 2 FROM cloudmig.tasks WHERE task_id = {}",
+            s.task
+        ),
+        "t",
+        TIMEOUT,
+    );
+    let row = s
+        .dest
+        .client("postgres")
+        .query_one(
+            "SELECT phase, outage_cause, outage_attempts FROM cloudmig.tasks WHERE task_id = $1",
+            &[&s.task],
+        )
+        .expect("the task's row");
+    let (phase, cause, attempts): (String, Option<String>, i32) =
+        (row.get(0), row.get(1), row.get(2));
+    assert_eq!(phase, "incremental", "{}", events(&s.dest, s.task));
+    let cause = cause.unwrap_or_default();
+    assert!(cause.contains("could not extend file"), "{cause}");
+    assert!(cause.contains("No space left on device"), "{cause}");
+    assert!(attempts >= 2, "{attempts}");
+    // Room again: the apply converges by itself.
+    std::fs::remove_file(disk.filler()).expect("remove the filler");
+    s.write(3);
+    s.caught_up();
+    assert_eq!(s.phase(), "incremental", "{}", events(&s.dest, s.task));
+    // The outage is over in the status row too.
+    poll_until(
+        &s.dest,
+        "postgres",
+        &format!(
+            "SELECT outage_cause IS NULL FROM cloudmig.tasks WHERE task_id = {}",
+            s.task
+        ),
+        "t",
+        TIMEOUT,
+    );
+    // The table goes back so that nothing is left on the small disk.
+    s.dest
+        .execute("app", "ALTER TABLE items SET TABLESPACE pg_default");
+    s.dest.execute("postgres", "DROP TABLESPACE small");
+    completed(&s, &["could not extend file", "streaming again"]);
+    drop(disk);
 }
 
 #[test]

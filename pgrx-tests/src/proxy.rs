@@ -105,6 +105,9 @@ struct Conn {
     client: TcpStream,
     server: Mutex<Option<TcpStream>>,
     closed: AtomicBool,
+    /// Whether the server sent something since the client last did: the client's next bytes
+    /// then start a new exchange (see [`Proxy::exchanges`]).
+    answered: AtomicBool,
 }
 
 impl Conn {
@@ -130,6 +133,7 @@ struct Shared {
     conns: Mutex<Vec<Arc<Conn>>>,
     stop: AtomicBool,
     accepted: AtomicU64,
+    exchanges: AtomicU64,
 }
 
 impl Shared {
@@ -200,6 +204,7 @@ impl Proxy {
             conns: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
+            exchanges: AtomicU64::new(0),
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
@@ -282,6 +287,14 @@ impl Proxy {
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
     }
+
+    /// Exchanges since the start, over every connection: times a client sent bytes after the
+    /// server had answered (or first). A request waited for before the next is sent counts
+    /// once, so over a delayed link each costs at least a round trip; requests pipelined
+    /// without waiting count as one.
+    pub fn exchanges(&self) -> u64 {
+        self.shared.exchanges.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Proxy {
@@ -337,6 +350,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             client,
             server: Mutex::new(None),
             closed: AtomicBool::new(false),
+            answered: AtomicBool::new(true),
         });
         lock(&shared.conns).push(Arc::clone(&conn));
         let shared = Arc::clone(shared);
@@ -388,7 +402,7 @@ fn serve(shared: &Arc<Shared>, conn: &Arc<Conn>, client_reader: TcpStream) {
         {
             let (shared, conn, queued) =
                 (Arc::clone(shared), Arc::clone(conn), Arc::clone(&queued));
-            thread::spawn(move || read_pump(&shared, &conn, reader, &tx, &queued));
+            thread::spawn(move || read_pump(&shared, &conn, reader, &tx, &queued, direction));
         }
         let (shared, conn) = (Arc::clone(shared), Arc::clone(conn));
         thread::spawn(move || write_pump(&shared, &conn, writer, &rx, direction, &queued));
@@ -408,6 +422,7 @@ fn read_pump(
     mut reader: TcpStream,
     tx: &Sender<Chunk>,
     queued: &AtomicUsize,
+    direction: Direction,
 ) {
     if reader.set_read_timeout(Some(TICK)).is_err() {
         conn.close();
@@ -431,6 +446,13 @@ fn read_pump(
                 return;
             }
             Ok(n) => {
+                match direction {
+                    Direction::Up if conn.answered.swap(false, Ordering::SeqCst) => {
+                        shared.exchanges.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Direction::Up => {}
+                    Direction::Down => conn.answered.store(true, Ordering::SeqCst),
+                }
                 queued.fetch_add(n, Ordering::SeqCst);
                 if tx.send(Some((Instant::now(), buf[..n].to_vec()))).is_err() {
                     return;
@@ -554,6 +576,11 @@ mod tests {
         stream.read_exact(&mut back).unwrap();
         assert_eq!(back, data);
         assert_eq!(proxy.accepted(), 1);
+        assert!(proxy.exchanges() >= 1);
+        let before = proxy.exchanges();
+        assert_eq!(roundtrip(&mut stream, b"one"), b"one");
+        assert_eq!(roundtrip(&mut stream, b"two"), b"two");
+        assert_eq!(proxy.exchanges(), before + 2);
     }
 
     #[test]

@@ -555,6 +555,8 @@ pub struct Bench {
     pub scratch: PathBuf,
     /// The link the sections run over now (outcomes are tagged with it).
     pub link: Link,
+    /// Its emulator, None for the direct link.
+    pub proxy: Option<crate::proxy::Proxy>,
 }
 
 impl Bench {

@@ -230,13 +230,21 @@ fn copy_by_link(outcomes: &[Outcome], links: &[Link]) -> String {
     if copies.is_empty() {
         return String::new();
     }
-    let per_link: BTreeMap<Link, BTreeMap<Tool, Option<Spread>>> = links
-        .iter()
-        .map(|link| {
-            let over: Vec<Outcome> = copies.iter().filter(|o| o.link == *link).cloned().collect();
-            (*link, spreads(&over, Section::Copy, "seconds"))
-        })
-        .collect();
+    let per_link = |metric: &str| -> BTreeMap<Link, BTreeMap<Tool, Option<Spread>>> {
+        links
+            .iter()
+            .map(|link| {
+                let over: Vec<Outcome> =
+                    copies.iter().filter(|o| o.link == *link).cloned().collect();
+                (*link, spreads(&over, Section::Copy, metric))
+            })
+            .collect()
+    };
+    let (seconds, connections, exchanges) = (
+        per_link("seconds"),
+        per_link("link_connections"),
+        per_link("link_exchanges"),
+    );
     let mut md = String::from(
         "### Full copy over each link
 
@@ -247,14 +255,17 @@ fn copy_by_link(outcomes: &[Outcome], links: &[Link]) -> String {
         let _ = write!(md, " {link} s |");
         rule.push_str("---:|");
         if *link != Link::Direct {
-            let _ = write!(md, " {link}: speed ÷ direct speed |");
-            rule.push_str("---:|");
+            let _ = write!(
+                md,
+                " {link}: speed ÷ direct speed | connections, exchanges |"
+            );
+            rule.push_str("---:|---:|");
         }
     }
     let _ = writeln!(md, "\n{rule}");
     for tool in tools_of(&copies, Section::Copy) {
         let median = |link: &Link| {
-            per_link
+            seconds
                 .get(link)
                 .and_then(|s| s.get(&tool).copied().flatten())
                 .map(|s| s.median)
@@ -262,20 +273,35 @@ fn copy_by_link(outcomes: &[Outcome], links: &[Link]) -> String {
         let direct = median(&Link::Direct);
         let _ = write!(md, "| {} |", md_cell(tool.label()));
         for link in links {
-            let _ = write!(md, " {} |", cell(per_link[link].get(&tool), 1));
+            let _ = write!(md, " {} |", cell(seconds[link].get(&tool), 1));
             if *link != Link::Direct {
                 let words = match (direct, median(link)) {
                     (Some(d), Some(l)) if l > 0.0 => format!("{:.2}", d / l),
                     _ => "–".to_owned(),
                 };
-                let _ = write!(md, " {words} |");
+                let count = |figures: &BTreeMap<Link, BTreeMap<Tool, Option<Spread>>>| {
+                    figures[link]
+                        .get(&tool)
+                        .copied()
+                        .flatten()
+                        .map_or("–".to_owned(), |s| format!("{:.0}", s.median))
+                };
+                let _ = write!(
+                    md,
+                    " {words} | {}, {} |",
+                    count(&connections),
+                    count(&exchanges)
+                );
             }
         }
         md.push('\n');
     }
     md.push_str(
         "\nSpeed ÷ direct speed: the tool's median direct time over its median time over the \
-         link (1.00 is no loss; the target for cloudmig over 30 ms is at least 0.80).\n\n",
+         link (1.00 is no loss; the target for cloudmig over 30 ms is at least 0.80). \
+         Connections, exchanges: what crossed the link during the copy (median): connections \
+         opened to the source, and exchanges, the times a client sent bytes after the source had \
+         answered, each a request it waited for and so at least a round trip (30 ms).\n\n",
     );
     md
 }
@@ -826,7 +852,12 @@ mod tests {
         let outcomes = vec![
             over(Link::Direct, Tool::Cloudmig, 10.0),
             over(Link::Direct, Tool::PgDumpPipe, 20.0),
-            over(Link::Ms30Gbit1, Tool::Cloudmig, 12.5),
+            {
+                let mut o = over(Link::Ms30Gbit1, Tool::Cloudmig, 12.5);
+                o.set("link_connections", 3.0);
+                o.set("link_exchanges", 700.0);
+                o
+            },
             over(Link::Ms30Mbit100, Tool::PgDumpPipe, 40.0),
         ];
         let info = RunInfo {
@@ -842,11 +873,13 @@ mod tests {
         let md = markdown(&info, &outcomes);
         assert!(md.contains("## Over link 30ms-1gbit"), "{md}");
         assert!(
-            md.contains("| cloudmig | 10.0 | 12.5 | 0.80 | – | – |"),
+            md.contains("| cloudmig | 10.0 | 12.5 | 0.80 | 3, 700 | – | – | –, – |"),
             "{md}"
         );
         assert!(
-            md.contains("| pg_dump -Fc \\| pg_restore | 20.0 | – | – | 40.0 | 0.50 |"),
+            md.contains(
+                "| pg_dump -Fc \\| pg_restore | 20.0 | – | – | –, – | 40.0 | 0.50 | –, – |"
+            ),
             "{md}"
         );
         let (back, again) = from_json(&json(&info, &outcomes)).unwrap();

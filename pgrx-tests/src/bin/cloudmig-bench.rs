@@ -119,10 +119,11 @@ fn main() {
         outcomes: Vec::new(),
         scratch: scratch.clone(),
         link: Link::Direct,
+        proxy: None,
     };
     for link in bench.opts.links.clone() {
-        // Dropped (every proxied connection closed) before the next link starts.
-        let _proxy = emulate(&bench, link);
+        // The previous one is dropped (every proxied connection closed) here.
+        bench.proxy = emulate(&bench, link);
         bench.link = link;
         if bench.opts.runs(Section::Apply) || bench.opts.runs(Section::Lag) {
             apply::run(&mut bench);
@@ -134,6 +135,7 @@ fn main() {
             switchover::run(&mut bench);
         }
         tools::route_source(None);
+        bench.proxy = None;
     }
     let _ = fs::remove_dir_all(&scratch);
 

@@ -47,6 +47,7 @@ demo: install
 #   make bench PG_CONFIG=/opt/pg-bench/usr/lib/postgresql/15/bin/pg_config
 # Its parameters are environment variables or flags (BENCH_ARGS), see `cloudmig-bench --help`:
 #   make bench BENCH_SCALE=20 BENCH_REPS=5 BENCH_SECTIONS=apply,copy
+#   make bench BENCH_SECTIONS=copy BENCH_LINK=direct,30ms-1gbit,30ms-100mbit   (emulated links)
 BENCH_ARGS ?=
 
 setup-bench:

@@ -11,8 +11,9 @@
 //!   unless an end gave up and closed its connection first;
 //! - *reset*: every open connection is closed at once (both ends see it end) and new ones are
 //!   closed on arrival for a while; then the link passes again;
-//! - *delay* per direction (`up` towards the server, `down` towards the client) and a
-//!   token-bucket *rate* per direction, so the proxy can serve as a link emulator.
+//! - *delay* per direction (`up` towards the server, `down` towards the client), a
+//!   token-bucket *rate* per direction and a cap on the bytes *in flight* per connection and
+//!   direction ([`Proxy::set_in_flight_cap`]), so the proxy can serve as a link emulator.
 //!
 //! Threads (std only): one accepting; per connection one reader and one writer per direction,
 //! joined by a channel that carries each chunk with the moment it was read (that is what the
@@ -21,7 +22,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -94,6 +95,8 @@ struct Settings {
     refuse_until: Option<Instant>,
     delay_up: Duration,
     delay_down: Duration,
+    /// Bytes a connection may have read but not yet written, per direction.
+    in_flight_cap: Option<usize>,
 }
 
 /// One proxied connection.
@@ -102,6 +105,9 @@ struct Conn {
     client: TcpStream,
     server: Mutex<Option<TcpStream>>,
     closed: AtomicBool,
+    /// Whether the server sent something since the client last did: the client's next bytes
+    /// then start a new exchange (see [`Proxy::exchanges`]).
+    answered: AtomicBool,
 }
 
 impl Conn {
@@ -127,6 +133,7 @@ struct Shared {
     conns: Mutex<Vec<Arc<Conn>>>,
     stop: AtomicBool,
     accepted: AtomicU64,
+    exchanges: AtomicU64,
 }
 
 impl Shared {
@@ -147,6 +154,10 @@ impl Shared {
             Direction::Up => &self.up,
             Direction::Down => &self.down,
         }
+    }
+
+    fn in_flight_cap(&self) -> Option<usize> {
+        lock(&self.settings).in_flight_cap
     }
 
     fn stopped(&self) -> bool {
@@ -186,12 +197,14 @@ impl Proxy {
                 refuse_until: None,
                 delay_up: Duration::ZERO,
                 delay_down: Duration::ZERO,
+                in_flight_cap: None,
             }),
             up: Mutex::new(Bucket::new()),
             down: Mutex::new(Bucket::new()),
             conns: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
+            exchanges: AtomicU64::new(0),
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
@@ -255,6 +268,14 @@ impl Proxy {
         bucket.last = Instant::now();
     }
 
+    /// At most `bytes` read but not yet forwarded per connection and direction (None: no cap).
+    /// The proxy then stops reading, so the sender's socket buffers fill and it blocks, as a
+    /// TCP sender does when its window is full: without a cap a delayed link would buffer
+    /// without bound and hide what a window costs over a long round trip.
+    pub fn set_in_flight_cap(&self, bytes: Option<usize>) {
+        lock(&self.shared.settings).in_flight_cap = bytes;
+    }
+
     /// Connections open now.
     pub fn open_connections(&self) -> usize {
         let mut conns = lock(&self.shared.conns);
@@ -265,6 +286,14 @@ impl Proxy {
     /// Connections accepted since the start.
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Exchanges since the start, over every connection: times a client sent bytes after the
+    /// server had answered (or first). A request waited for before the next is sent counts
+    /// once, so over a delayed link each costs at least a round trip; requests pipelined
+    /// without waiting count as one.
+    pub fn exchanges(&self) -> u64 {
+        self.shared.exchanges.load(Ordering::SeqCst)
     }
 }
 
@@ -321,6 +350,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             client,
             server: Mutex::new(None),
             closed: AtomicBool::new(false),
+            answered: AtomicBool::new(true),
         });
         lock(&shared.conns).push(Arc::clone(&conn));
         let shared = Arc::clone(shared);
@@ -368,19 +398,32 @@ fn serve(shared: &Arc<Shared>, conn: &Arc<Conn>, client_reader: TcpStream) {
         (server_reader, client_writer, Direction::Down),
     ] {
         let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         {
-            let (shared, conn) = (Arc::clone(shared), Arc::clone(conn));
-            thread::spawn(move || read_pump(&shared, &conn, reader, &tx));
+            let (shared, conn, queued) =
+                (Arc::clone(shared), Arc::clone(conn), Arc::clone(&queued));
+            thread::spawn(move || read_pump(&shared, &conn, reader, &tx, &queued, direction));
         }
         let (shared, conn) = (Arc::clone(shared), Arc::clone(conn));
-        thread::spawn(move || write_pump(&shared, &conn, writer, &rx, direction));
+        thread::spawn(move || write_pump(&shared, &conn, writer, &rx, direction, &queued));
     }
 }
 
 /// A chunk read and when; `None` ends the direction (the other end closed).
 type Chunk = Option<(Instant, Vec<u8>)>;
 
-fn read_pump(shared: &Shared, conn: &Conn, mut reader: TcpStream, tx: &Sender<Chunk>) {
+/// How long a read pump over its in-flight cap waits before looking again: short against the
+/// delays emulated (milliseconds), as a window opens as soon as an acknowledgement arrives.
+const CAP_WAIT: Duration = Duration::from_millis(1);
+
+fn read_pump(
+    shared: &Shared,
+    conn: &Conn,
+    mut reader: TcpStream,
+    tx: &Sender<Chunk>,
+    queued: &AtomicUsize,
+    direction: Direction,
+) {
     if reader.set_read_timeout(Some(TICK)).is_err() {
         conn.close();
         return;
@@ -391,12 +434,26 @@ fn read_pump(shared: &Shared, conn: &Conn, mut reader: TcpStream, tx: &Sender<Ch
             thread::sleep(TICK);
             continue;
         }
+        if let Some(cap) = shared.in_flight_cap() {
+            if queued.load(Ordering::SeqCst) >= cap {
+                thread::sleep(CAP_WAIT);
+                continue;
+            }
+        }
         match reader.read(&mut buf) {
             Ok(0) => {
                 let _ = tx.send(None);
                 return;
             }
             Ok(n) => {
+                match direction {
+                    Direction::Up if conn.answered.swap(false, Ordering::SeqCst) => {
+                        shared.exchanges.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Direction::Up => {}
+                    Direction::Down => conn.answered.store(true, Ordering::SeqCst),
+                }
+                queued.fetch_add(n, Ordering::SeqCst);
                 if tx.send(Some((Instant::now(), buf[..n].to_vec()))).is_err() {
                     return;
                 }
@@ -417,6 +474,7 @@ fn write_pump(
     mut writer: TcpStream,
     rx: &Receiver<Chunk>,
     direction: Direction,
+    queued: &AtomicUsize,
 ) {
     let alive = || !conn.is_closed() && !shared.stopped();
     while alive() {
@@ -453,6 +511,7 @@ fn write_pump(
         if writer.write_all(&bytes).is_err() {
             break;
         }
+        queued.fetch_sub(bytes.len(), Ordering::SeqCst);
     }
     conn.close();
 }
@@ -517,6 +576,11 @@ mod tests {
         stream.read_exact(&mut back).unwrap();
         assert_eq!(back, data);
         assert_eq!(proxy.accepted(), 1);
+        assert!(proxy.exchanges() >= 1);
+        let before = proxy.exchanges();
+        assert_eq!(roundtrip(&mut stream, b"one"), b"one");
+        assert_eq!(roundtrip(&mut stream, b"two"), b"two");
+        assert_eq!(proxy.exchanges(), before + 2);
     }
 
     #[test]
@@ -592,6 +656,27 @@ mod tests {
         let started = Instant::now();
         assert_eq!(roundtrip(&mut stream, &data), data);
         assert!(started.elapsed() >= Duration::from_millis(400));
+    }
+
+    #[test]
+    fn an_in_flight_cap_bounds_throughput_to_a_window_per_round_trip() {
+        let proxy = Proxy::to_port(echo_server());
+        let mut stream = connect(&proxy);
+        // 64 kB per 50 ms one way: 1 MB upwards needs at least ~15 windows, ~0.7 s.
+        proxy.set_delay(Duration::from_millis(50), Duration::ZERO);
+        proxy.set_in_flight_cap(Some(64 * 1024));
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let writer = {
+            let mut stream = stream.try_clone().unwrap();
+            let data = data.clone();
+            thread::spawn(move || stream.write_all(&data).unwrap())
+        };
+        let started = Instant::now();
+        let mut back = vec![0u8; data.len()];
+        stream.read_exact(&mut back).unwrap();
+        writer.join().unwrap();
+        assert_eq!(back, data);
+        assert!(started.elapsed() >= Duration::from_millis(500));
     }
 
     #[test]

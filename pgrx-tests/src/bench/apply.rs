@@ -176,6 +176,9 @@ fn decoding_alone(bench: &Bench, outcome: &mut Outcome) -> Status {
     }
     outcome.set("transactions", transactions as f64);
     let mut recv = source.command("pg_recvlogical");
+    // Over TCP at the tools' port of the source, so that it crosses the same link they do.
+    let port = crate::bench::tools::source_port(source).to_string();
+    recv.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"]);
     recv.args([
         "-d",
         BENCH_DB,

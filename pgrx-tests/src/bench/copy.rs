@@ -3,7 +3,9 @@
 //!
 //! Figures per outcome: `seconds` (wall, from the first command to done), `mb_per_s` (the
 //! source's `pg_database_size` over the wall), `phase_<name>` where the tool reports phases
-//! (cloudmig from `cloudmig.events`, native: schema then sync, pg_dump -Fd: dump then restore).
+//! (cloudmig from `cloudmig.events`, native: schema then sync, pg_dump -Fd: dump then restore);
+//! over an emulated link `link_connections` and `link_exchanges` (requests the tool waited for,
+//! each at least a round trip: [`crate::proxy::Proxy::exchanges`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +77,8 @@ fn copy_once(
         cpu::cluster_cpu_seconds(&dest),
     );
     let peak_rss = (tool == Tool::Cloudmig).then(|| RssSampler::start(&dest));
+    // Over an emulated link, what crossed it: connections and exchanges (requests waited for).
+    let link_before = bench.proxy.as_ref().map(|p| (p.accepted(), p.exchanges()));
     let started = Instant::now();
     let result: Result<Phases, String> = match (tool, assessment) {
         (Tool::Cloudmig, Some(assessment)) => {
@@ -94,6 +98,10 @@ fn copy_once(
         (Tool::Decoding, _) => Err(format!("{tool} does not copy")),
     };
     let wall = secs(started);
+    if let (Some(proxy), Some((accepted, exchanges))) = (bench.proxy.as_ref(), link_before) {
+        outcome.set("link_connections", (proxy.accepted() - accepted) as f64);
+        outcome.set("link_exchanges", (proxy.exchanges() - exchanges) as f64);
+    }
     let gigabytes = bytes as f64 / 1e9;
     for (side, cluster, before) in [
         ("source", source, cpu_before.0),

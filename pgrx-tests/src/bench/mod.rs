@@ -17,6 +17,9 @@
 //! - every wait is bounded: a tool that does not finish in time is reported as such and the run
 //!   goes on with the next;
 //! - repetitions visit the tools in a rotated order, so none always runs first (cold) or last;
+//! - with `--link` other than `direct`, every tool reaches the source through a link emulator
+//!   ([`crate::proxy::Proxy`]: delay per direction, token-bucket rate, in-flight cap), and
+//!   every figure is tagged with the link it was taken over ([`Link`]);
 //! - the source is returned to its state before each measurement (slots, publications, pglogical
 //!   nodes, read-only fence dropped: [`tools::reset_source`]).
 
@@ -162,6 +165,68 @@ impl fmt::Display for Tool {
     }
 }
 
+/// The network between the tools and the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Link {
+    /// Straight to the source's port on 127.0.0.1.
+    Direct,
+    /// Through the proxy: 30 ms round trip, 1 Gbit/s each way.
+    Ms30Gbit1,
+    /// Through the proxy: 30 ms round trip, 100 Mbit/s each way.
+    Ms30Mbit100,
+}
+
+impl Link {
+    /// Every link, in run order.
+    pub const ALL: [Link; 3] = [Link::Direct, Link::Ms30Gbit1, Link::Ms30Mbit100];
+
+    /// The name on the command line, in JSON and in titles.
+    pub fn name(self) -> &'static str {
+        match self {
+            Link::Direct => "direct",
+            Link::Ms30Gbit1 => "30ms-1gbit",
+            Link::Ms30Mbit100 => "30ms-100mbit",
+        }
+    }
+
+    /// Delay each way, rate each way in bytes per second, and in-flight cap per connection and
+    /// direction; None for the direct link.
+    ///
+    /// The cap, 4 MiB, is about what Linux's receive-buffer autotuning (`tcp_rmem` up to 6 MB,
+    /// part of it overhead) lets one connection keep in flight, and a little more than the
+    /// bandwidth-delay product of 1 Gbit/s over 30 ms (3.75 MB): one stream can about fill
+    /// the faster link, as it would on a real one with default settings.
+    pub fn emulation(self) -> Option<(Duration, u64, usize)> {
+        const CAP: usize = 4 << 20;
+        match self {
+            Link::Direct => None,
+            Link::Ms30Gbit1 => Some((Duration::from_millis(15), 125_000_000, CAP)),
+            Link::Ms30Mbit100 => Some((Duration::from_millis(15), 12_500_000, CAP)),
+        }
+    }
+}
+
+impl FromStr for Link {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Link::ALL
+            .into_iter()
+            .find(|link| link.name() == s.trim())
+            .ok_or_else(|| {
+                format!(
+                    "unknown link {s:?} (expected {})",
+                    Link::ALL.map(Link::name).join(", ")
+                )
+            })
+    }
+}
+
+impl fmt::Display for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How one measurement ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Status {
@@ -203,6 +268,8 @@ pub struct Outcome {
     pub rep: u32,
     /// Its position among the tools of this repetition, from 1.
     pub order: usize,
+    /// The link between the tool and the source.
+    pub link: Link,
     /// Whether its figures count.
     pub status: Status,
     /// Named figures (`seconds`, `txn_per_s`, `downtime_ms`, ...).
@@ -219,6 +286,7 @@ impl Outcome {
             tool,
             rep,
             order,
+            link: Link::Direct,
             status: Status::Ok,
             metrics: BTreeMap::new(),
             notes: Vec::new(),
@@ -264,6 +332,8 @@ pub struct Options {
     pub out_dir: PathBuf,
     /// The tools measured (all by default).
     pub tools: Vec<Tool>,
+    /// The links the sections run over, each in turn (direct by default).
+    pub links: Vec<Link>,
 }
 
 impl Options {
@@ -325,6 +395,19 @@ impl Options {
                 "small-tables" => opts.small_tables = number()?,
                 "extra" => opts.extra = !matches!(value.as_str(), "0" | "off" | "false" | "no"),
                 "out" => opts.out_dir = PathBuf::from(value),
+                "link" => {
+                    let mut links = value
+                        .split(',')
+                        .filter(|s| !s.trim().is_empty())
+                        .map(Link::from_str)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    links.sort();
+                    links.dedup();
+                    if links.is_empty() {
+                        return Err(format!("--link {value:?}: no link"));
+                    }
+                    opts.links = links;
+                }
                 "tools" => {
                     opts.tools = value
                         .split(',')
@@ -382,6 +465,7 @@ impl Default for Options {
             extra: true,
             out_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench-results")),
             tools: Tool::COPIERS.to_vec(),
+            links: vec![Link::Direct],
         }
     }
 }
@@ -409,6 +493,11 @@ flags (or environment variables BENCH_<NAME>, e.g. BENCH_SCALE=20):
   --extra on|off         copy database extra (wide, TOAST, small tables, no key, partitions)
   --tools LIST           comma-separated: cloudmig,native,pglogical,pgdump-pipe,pgdump-j2,pgcopydb
                          (default all)
+  --link LIST            comma-separated: direct,30ms-1gbit,30ms-100mbit (default direct); the
+                         chosen sections run over each in turn. Other than direct, every tool
+                         reaches the source through a TCP proxy on 127.0.0.1 that delays each
+                         direction 15 ms, limits each to the rate (token bucket) and keeps at
+                         most 4 MiB in flight per connection and direction
   --out DIR              results directory (default bench-results/ of the repository)
 
 environment: CLOUDMIG_PG_BINDIR (PostgreSQL binaries, with cloudmig and pglogical installed),
@@ -464,19 +553,25 @@ pub struct Bench {
     pub outcomes: Vec<Outcome>,
     /// A directory writable by the server user, for dumps and pgcopydb's work files.
     pub scratch: PathBuf,
+    /// The link the sections run over now (outcomes are tagged with it).
+    pub link: Link,
+    /// Its emulator, None for the direct link.
+    pub proxy: Option<crate::proxy::Proxy>,
 }
 
 impl Bench {
     /// Records `outcome` and prints a one-line summary of it.
-    pub fn record(&mut self, outcome: Outcome) {
+    pub fn record(&mut self, mut outcome: Outcome) {
+        outcome.link = self.link;
         let figures: Vec<String> = outcome
             .metrics
             .iter()
             .map(|(name, value)| format!("{name}={value:.3}"))
             .collect();
         println!(
-            "    {:<10} rep {} #{} {:<34} {:<10} {} {}",
+            "    {:<10} {:<12} rep {} #{} {:<34} {:<10} {} {}",
             outcome.section.name(),
+            outcome.link.name(),
             outcome.rep,
             outcome.order,
             outcome.tool.label(),
@@ -516,6 +611,10 @@ mod tests {
         assert_eq!(opts.small_tables, 150);
         assert!(Options::parse(&["--bogus".to_owned(), "1".to_owned()]).is_err());
         assert!(Options::parse(&["--sections=fast".to_owned()]).is_err());
+        assert_eq!(opts.links, vec![Link::Direct]);
+        let links = Options::parse(&["--link=30ms-100mbit,direct".to_owned()]).unwrap();
+        assert_eq!(links.links, vec![Link::Direct, Link::Ms30Mbit100]);
+        assert!(Options::parse(&["--link=lan".to_owned()]).is_err());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! JSON, and an SVG bar chart written here by hand (no plotting dependency).
 //!
 //! Only outcomes with [`Status::Ok`] enter a figure; the others are listed under their table
-//! with their reason.
+//! with their reason. Every figure says the link it was taken over: with one link, the header
+//! names it; with several, each link gets its own tables (and panels of the chart), and the
+//! full copy a table of each tool's time over each link against its direct time.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -11,7 +13,7 @@ use std::fmt::Write as _;
 use serde_json::{json, Value};
 
 use crate::bench::stats::Spread;
-use crate::bench::{Outcome, Section, Status, Tool};
+use crate::bench::{Link, Outcome, Section, Status, Tool};
 
 /// Facts about the run printed above the tables and kept in the JSON.
 #[derive(Debug, Clone)]
@@ -167,6 +169,146 @@ pub fn markdown(info: &RunInfo, outcomes: &[Outcome]) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let links = links_of(outcomes);
+    match links[..] {
+        [] => {}
+        [link] => {
+            let _ = writeln!(
+                md,
+                "Link between the tools and the source: {}.\n",
+                link_words(link)
+            );
+            md.push_str(&sections(outcomes));
+        }
+        _ => {
+            for link in &links {
+                let over: Vec<Outcome> = outcomes
+                    .iter()
+                    .filter(|o| o.link == *link)
+                    .cloned()
+                    .collect();
+                let _ = writeln!(md, "## Over link {link}\n\n{}.\n", link_words(*link));
+                md.push_str(&sections(&over));
+            }
+            md.push_str(&copy_by_link(outcomes, &links));
+        }
+    }
+    md
+}
+
+/// The links outcomes were taken over, in run order.
+fn links_of(outcomes: &[Outcome]) -> Vec<Link> {
+    let mut links: Vec<Link> = outcomes.iter().map(|o| o.link).collect();
+    links.sort();
+    links.dedup();
+    links
+}
+
+/// What a link is, in words.
+fn link_words(link: Link) -> String {
+    match link.emulation() {
+        None => "direct (TCP on 127.0.0.1)".to_owned(),
+        Some((delay, rate, cap)) => format!(
+            "{link}: through a TCP proxy on 127.0.0.1, {} ms each way ({} ms round trip), {} Mbit/s \
+             each way (token bucket), at most {} MiB in flight per connection and direction",
+            delay.as_millis(),
+            2 * delay.as_millis(),
+            rate * 8 / 1_000_000,
+            cap >> 20
+        ),
+    }
+}
+
+/// The full copy's time per tool over each link, and its speed there against its direct speed
+/// (direct time ÷ link time: 1 is no loss) where both were measured.
+fn copy_by_link(outcomes: &[Outcome], links: &[Link]) -> String {
+    let copies: Vec<Outcome> = outcomes
+        .iter()
+        .filter(|o| o.section == Section::Copy)
+        .cloned()
+        .collect();
+    if copies.is_empty() {
+        return String::new();
+    }
+    let per_link = |metric: &str| -> BTreeMap<Link, BTreeMap<Tool, Option<Spread>>> {
+        links
+            .iter()
+            .map(|link| {
+                let over: Vec<Outcome> =
+                    copies.iter().filter(|o| o.link == *link).cloned().collect();
+                (*link, spreads(&over, Section::Copy, metric))
+            })
+            .collect()
+    };
+    let (seconds, connections, exchanges) = (
+        per_link("seconds"),
+        per_link("link_connections"),
+        per_link("link_exchanges"),
+    );
+    let mut md = String::from(
+        "### Full copy over each link
+
+| tool |",
+    );
+    let mut rule = String::from("|---|");
+    for link in links {
+        let _ = write!(md, " {link} s |");
+        rule.push_str("---:|");
+        if *link != Link::Direct {
+            let _ = write!(
+                md,
+                " {link}: speed ÷ direct speed | connections, exchanges |"
+            );
+            rule.push_str("---:|---:|");
+        }
+    }
+    let _ = writeln!(md, "\n{rule}");
+    for tool in tools_of(&copies, Section::Copy) {
+        let median = |link: &Link| {
+            seconds
+                .get(link)
+                .and_then(|s| s.get(&tool).copied().flatten())
+                .map(|s| s.median)
+        };
+        let direct = median(&Link::Direct);
+        let _ = write!(md, "| {} |", md_cell(tool.label()));
+        for link in links {
+            let _ = write!(md, " {} |", cell(seconds[link].get(&tool), 1));
+            if *link != Link::Direct {
+                let words = match (direct, median(link)) {
+                    (Some(d), Some(l)) if l > 0.0 => format!("{:.2}", d / l),
+                    _ => "–".to_owned(),
+                };
+                let count = |figures: &BTreeMap<Link, BTreeMap<Tool, Option<Spread>>>| {
+                    figures[link]
+                        .get(&tool)
+                        .copied()
+                        .flatten()
+                        .map_or("–".to_owned(), |s| format!("{:.0}", s.median))
+                };
+                let _ = write!(
+                    md,
+                    " {words} | {}, {} |",
+                    count(&connections),
+                    count(&exchanges)
+                );
+            }
+        }
+        md.push('\n');
+    }
+    md.push_str(
+        "\nSpeed ÷ direct speed: the tool's median direct time over its median time over the \
+         link (1.00 is no loss; the target for cloudmig over 30 ms is at least 0.80). \
+         Connections, exchanges: what crossed the link during the copy (median): connections \
+         opened to the source, and exchanges, the times a client sent bytes after the source had \
+         answered, each a request it waited for and so at least a round trip (30 ms).\n\n",
+    );
+    md
+}
+
+/// The tables of every section present in `outcomes` (taken over one link).
+fn sections(outcomes: &[Outcome]) -> String {
+    let mut md = String::new();
     let present = |s: Section| outcomes.iter().any(|o| o.section == s);
 
     if present(Section::Apply) {
@@ -378,6 +520,7 @@ pub fn json(info: &RunInfo, outcomes: &[Outcome]) -> Value {
             "tool": o.tool.label(),
             "rep": o.rep,
             "order": o.order,
+            "link": o.link.name(),
             "status": o.status.kind(),
             "reason": o.status.reason(),
             "metrics": o.metrics,
@@ -427,6 +570,11 @@ pub fn from_json(value: &Value) -> Result<(RunInfo, Vec<Outcome>), String> {
             o["rep"].as_u64().unwrap_or(0) as u32,
             o["order"].as_u64().unwrap_or(0) as usize,
         );
+        // Runs written before links existed were direct.
+        outcome.link = match o["link"].as_str() {
+            Some(link) => link.parse()?,
+            None => Link::Direct,
+        };
         let reason = text(o, "reason")?;
         outcome.status = match text(o, "status")?.as_str() {
             "ok" => Status::Ok,
@@ -513,7 +661,14 @@ pub fn svg(info: &RunInfo, outcomes: &[Outcome]) -> String {
     const ROW: f64 = 24.0;
     let mut body = String::new();
     let mut y = 66.0;
-    for panel in &PANELS {
+    let all = outcomes;
+    let links = links_of(all);
+    for (link, panel) in links
+        .iter()
+        .flat_map(|l| PANELS.iter().map(move |p| (*l, p)))
+    {
+        let over: Vec<Outcome> = all.iter().filter(|o| o.link == link).cloned().collect();
+        let outcomes = &over[..];
         let tools = tools_of(outcomes, panel.section);
         if tools.is_empty() {
             continue;
@@ -528,7 +683,7 @@ pub fn svg(info: &RunInfo, outcomes: &[Outcome]) -> String {
         let _ = writeln!(
             body,
             r#"<text x="10" y="{y}" font-weight="bold">{}</text>"#,
-            escape(panel.title)
+            escape(&format!("{} · link {link}", panel.title))
         );
         y += 10.0;
         for tool in tools {
@@ -685,5 +840,50 @@ mod tests {
             svg.starts_with("<svg") && svg.contains("200 txn/s"),
             "{svg}"
         );
+    }
+
+    #[test]
+    fn each_link_has_its_tables_and_the_copy_its_ratio_to_direct() {
+        let over = |link: Link, tool: Tool, seconds: f64| {
+            let mut o = outcome(Section::Copy, tool, 1, "seconds", seconds);
+            o.link = link;
+            o
+        };
+        let outcomes = vec![
+            over(Link::Direct, Tool::Cloudmig, 10.0),
+            over(Link::Direct, Tool::PgDumpPipe, 20.0),
+            {
+                let mut o = over(Link::Ms30Gbit1, Tool::Cloudmig, 12.5);
+                o.set("link_connections", 3.0);
+                o.set("link_exchanges", 700.0);
+                o
+            },
+            over(Link::Ms30Mbit100, Tool::PgDumpPipe, 40.0),
+        ];
+        let info = RunInfo {
+            started: "now".into(),
+            load_average: "1.0".into(),
+            cpus: 2,
+            postgres: "15".into(),
+            cloudmig_build: "abc".into(),
+            command: "make bench".into(),
+            options: json!({}),
+            database_bytes: BTreeMap::new(),
+        };
+        let md = markdown(&info, &outcomes);
+        assert!(md.contains("## Over link 30ms-1gbit"), "{md}");
+        assert!(
+            md.contains("| cloudmig | 10.0 | 12.5 | 0.80 | 3, 700 | – | – | –, – |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| pg_dump -Fc \\| pg_restore | 20.0 | – | – | –, – | 40.0 | 0.50 | –, – |"
+            ),
+            "{md}"
+        );
+        let (back, again) = from_json(&json(&info, &outcomes)).unwrap();
+        assert_eq!(markdown(&back, &again), md);
+        assert!(svg(&info, &outcomes).contains("link 30ms-100mbit"));
     }
 }

@@ -1,12 +1,14 @@
 //! Driving each tool the way its documentation says, and nothing more: destinations per tool,
 //! the copy commands, the streaming set-up of each applier, and the clean-up of the source.
 //!
-//! Every tool reaches the source over TCP on 127.0.0.1 (where a link emulator can later sit) and
-//! the destination over its Unix socket. Every wait is bounded by the caller's timeout and
+//! Every tool reaches the source over TCP on 127.0.0.1, at [`source_port`]: the source's own
+//! port, or a link emulator's in front of it ([`route_source`]), and the destination over its
+//! Unix socket. Every wait is bounded by the caller's timeout and
 //! returns `Err` with what was seen instead of hanging.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::bench::data::COMMON_CONF;
@@ -45,19 +47,43 @@ pub fn destination(tool: Tool, name: &str) -> Cluster {
     builder.start()
 }
 
-/// libpq conninfo of `db` on the source over TCP, as superuser `postgres` (trusted there).
-pub fn source_dsn(source: &Cluster, db: &str) -> String {
-    source.tcp_conninfo("postgres", None, db)
+/// The port the tools reach the source at instead of its own, 0 for none (one source per run,
+/// so one process-wide setting; every helper of this module that connects to the source reads
+/// it, so no tool can bypass the link).
+static SOURCE_ROUTE: AtomicU16 = AtomicU16::new(0);
+
+/// From now on the tools reach the source at `port` of 127.0.0.1 (a link emulator in front of
+/// it), or directly with None.
+pub fn route_source(port: Option<u16>) {
+    SOURCE_ROUTE.store(port.unwrap_or(0), Ordering::SeqCst);
 }
 
-/// A PostgreSQL client program connected to `cluster` over TCP on 127.0.0.1.
-fn tcp_command(cluster: &Cluster, program: &str) -> Command {
+/// The port of 127.0.0.1 the tools reach the source at.
+pub fn source_port(source: &Cluster) -> u16 {
+    match SOURCE_ROUTE.load(Ordering::SeqCst) {
+        0 => source.port,
+        port => port,
+    }
+}
+
+/// libpq conninfo of `db` on the source over TCP, as superuser `postgres` (trusted there).
+pub fn source_dsn(source: &Cluster, db: &str) -> String {
+    let direct = source.tcp_conninfo("postgres", None, db);
+    direct.replacen(
+        &format!("port={} ", source.port),
+        &format!("port={} ", source_port(source)),
+        1,
+    )
+}
+
+/// A PostgreSQL client program connected to the source over TCP on 127.0.0.1.
+fn source_command(source: &Cluster, program: &str) -> Command {
     let mut cmd = pg_command(program);
     cmd.args([
         "-h",
         "127.0.0.1",
         "-p",
-        &cluster.port.to_string(),
+        &source_port(source).to_string(),
         "-U",
         "postgres",
     ]);
@@ -128,7 +154,7 @@ pub fn secs(start: Instant) -> f64 {
 /// `pg_dump -Fc | pg_restore --create` per database.
 pub fn copy_pg_dump_pipe(source: &Cluster, dest: &Cluster, dbs: &[String]) -> Result<(), String> {
     for db in dbs {
-        let mut dump = tcp_command(source, "pg_dump");
+        let mut dump = source_command(source, "pg_dump");
         dump.args(["-Fc", "-d", db]);
         let mut restore = dest.command("pg_restore");
         restore.args(["--create", "--exit-on-error", "-d", "postgres"]);
@@ -149,7 +175,7 @@ pub fn copy_pg_dump_parallel(
         let parent = fresh_dir(scratch, &format!("dump-{db}"))?;
         let dir = parent.join("archive");
         let started = Instant::now();
-        let mut dump = tcp_command(source, "pg_dump");
+        let mut dump = source_command(source, "pg_dump");
         dump.args(["-Fd", "-j2", "-d", db, "-f"]).arg(&dir);
         run(&mut dump)?;
         dump_s += secs(started);
@@ -195,9 +221,9 @@ pub fn copy_pgcopydb(
             .args(["clone", "--table-jobs", "2", "--index-jobs", "2"])
             .args([
                 "--source",
-                &tcp_uri(source, db),
+                &tcp_uri(source_port(source), db),
                 "--target",
-                &tcp_uri(dest, db),
+                &tcp_uri(dest.port, db),
             ])
             .arg("--dir")
             .arg(&dir);
@@ -207,9 +233,9 @@ pub fn copy_pgcopydb(
     Ok(())
 }
 
-/// A `postgres://` URI of `db` on `cluster` over TCP (pgcopydb takes URIs).
-fn tcp_uri(cluster: &Cluster, db: &str) -> String {
-    format!("postgres://postgres@127.0.0.1:{}/{db}", cluster.port)
+/// A `postgres://` URI of `db` at `port` of 127.0.0.1 (pgcopydb takes URIs).
+fn tcp_uri(port: u16, db: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:{port}/{db}")
 }
 
 fn tail_lines(text: &str, n: usize) -> String {
@@ -220,7 +246,7 @@ fn tail_lines(text: &str, n: usize) -> String {
 /// The schema of each database as the native subscription needs it first:
 /// `pg_dump --schema-only | psql` into a database created by the dump.
 fn copy_schema(source: &Cluster, dest: &Cluster, db: &str) -> Result<(), String> {
-    let mut dump = tcp_command(source, "pg_dump");
+    let mut dump = source_command(source, "pg_dump");
     dump.args(["--schema-only", "--create", "-d", db]);
     let mut psql = dest.command("psql");
     psql.args([

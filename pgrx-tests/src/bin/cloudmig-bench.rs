@@ -15,7 +15,8 @@ use std::process::Command;
 
 use cloudmig_e2e::bench::data::{self, BENCH_DB, EXTRA_DB};
 use cloudmig_e2e::bench::report::{self, RunInfo};
-use cloudmig_e2e::bench::{apply, copy, switchover, Bench, Options, Section};
+use cloudmig_e2e::bench::{apply, copy, switchover, tools, Bench, Link, Options, Section};
+use cloudmig_e2e::proxy::{Direction, Proxy};
 use cloudmig_e2e::{bindir, chown_to_server};
 
 fn main() {
@@ -106,6 +107,7 @@ fn main() {
             "rate": opts.rate,
             "lag_seconds": opts.lag_seconds,
             "small_tables": if with_extra { opts.small_tables } else { 0 },
+            "links": opts.links.iter().map(|l| l.name()).collect::<Vec<_>>(),
         }),
         database_bytes,
     };
@@ -116,15 +118,24 @@ fn main() {
         databases,
         outcomes: Vec::new(),
         scratch: scratch.clone(),
+        link: Link::Direct,
+        proxy: None,
     };
-    if bench.opts.runs(Section::Apply) || bench.opts.runs(Section::Lag) {
-        apply::run(&mut bench);
-    }
-    if bench.opts.runs(Section::Copy) {
-        copy::run(&mut bench);
-    }
-    if bench.opts.runs(Section::Switchover) {
-        switchover::run(&mut bench);
+    for link in bench.opts.links.clone() {
+        // The previous one is dropped (every proxied connection closed) here.
+        bench.proxy = emulate(&bench, link);
+        bench.link = link;
+        if bench.opts.runs(Section::Apply) || bench.opts.runs(Section::Lag) {
+            apply::run(&mut bench);
+        }
+        if bench.opts.runs(Section::Copy) {
+            copy::run(&mut bench);
+        }
+        if bench.opts.runs(Section::Switchover) {
+            switchover::run(&mut bench);
+        }
+        tools::route_source(None);
+        bench.proxy = None;
     }
     let _ = fs::remove_dir_all(&scratch);
 
@@ -145,6 +156,30 @@ fn main() {
         &report::svg(&info, &bench.outcomes),
     );
     // `bench` (and with it the source cluster) is dropped here: the server stops.
+}
+
+/// Puts `link` between the tools and the source: a proxy with its delay, rate and in-flight
+/// cap, or nothing for the direct link.
+fn emulate(bench: &Bench, link: Link) -> Option<Proxy> {
+    let Some((delay, rate, cap)) = link.emulation() else {
+        println!("\n== link: direct ==");
+        tools::route_source(None);
+        return None;
+    };
+    let proxy = Proxy::to_port(bench.source.port);
+    proxy.set_delay(delay, delay);
+    proxy.set_rate(Direction::Up, Some(rate));
+    proxy.set_rate(Direction::Down, Some(rate));
+    proxy.set_in_flight_cap(Some(cap));
+    tools::route_source(Some(proxy.port()));
+    println!(
+        "\n== link: {link} (proxy on port {}: {} ms each way, {} Mbit/s each way, {} MiB in flight per connection and direction) ==",
+        proxy.port(),
+        delay.as_millis(),
+        rate * 8 / 1_000_000,
+        cap >> 20
+    );
+    Some(proxy)
 }
 
 /// `--report FILE.json`: renders a saved run's tables and chart again, beside the file.

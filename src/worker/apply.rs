@@ -604,7 +604,21 @@ fn stream_session(
     pgoutput.messages = true;
     let mut stream = connection
         .start_pgoutput(&start.slot_name, from, &pgoutput)
-        .map_err(|e| lost("could not start streaming", &e))?;
+        .map_err(|e| {
+            let mut failure = Failure::from_source("could not start streaming", &e);
+            // The slot still held by the walsender of an earlier session of ours (`55006`):
+            // after a network that black-holed packets, the source notices that connection is
+            // dead only at its wal_sender_timeout. Retried within the outage's window, as
+            // PostgreSQL's own apply worker restarts until the slot is free.
+            if matches!(&e, crate::source::SourceError::Server(s) if s.code == "55006") {
+                failure.transient = true;
+            }
+            if failure.transient {
+                SessionEnd::Retry(Interruption::Stream(failure))
+            } else {
+                SessionEnd::Stop(failure)
+            }
+        })?;
 
     // Relation messages come again on a new stream.
     let mut decoder = Decoder::new();

@@ -376,7 +376,13 @@ impl Runner {
             &self.work_dir,
             txn::interrupt_check,
         )
-        .map_err(|e| Stop::Failed(Failure::new(e.to_string())))
+        .map_err(|e| {
+            let mut failure = Failure::new(e.to_string());
+            // The post-data dump runs while the copy does: a source restarting then is an
+            // outage like any other, not the end of the task.
+            failure.transient = e.source_unavailable();
+            Stop::Failed(failure)
+        })
     }
 
     /// What the role that started this task may grant (see

@@ -40,3 +40,75 @@ pub enum SchemaError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
+
+/// What pg_dump / pg_dumpall print (libpq's and the server's messages) when the source went away
+/// or is restarting, as opposed to a refused login or an object they cannot dump.
+const SOURCE_AWAY: &[&str] = &[
+    "the database system is shutting down",
+    "the database system is starting up",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "terminating connection due to administrator command",
+    "terminating connection due to unexpected postmaster exit",
+    "server closed the connection unexpectedly",
+    "no connection to the server",
+    "could not receive data from server",
+    "could not send data to server",
+    "sorry, too many clients already",
+    "Connection refused",
+    "Connection timed out",
+    "Connection reset by peer",
+    "No route to host",
+    "Network is unreachable",
+    "SSL SYSCALL error",
+    // `--snapshot=` of an exported snapshot whose session a restart ended.
+    "invalid snapshot identifier",
+];
+
+impl SchemaError {
+    /// A dump that failed because the source was away (restarting, the network lost): worth
+    /// retrying once it answers again, as the task worker does for its own connections.
+    pub fn source_unavailable(&self) -> bool {
+        match self {
+            SchemaError::Failed { stderr, .. } => {
+                SOURCE_AWAY.iter().any(|text| stderr.contains(text))
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SchemaError;
+
+    fn failed(stderr: &str) -> SchemaError {
+        SchemaError::Failed {
+            program: "pg_dump".into(),
+            stderr: stderr.into(),
+        }
+    }
+
+    #[test]
+    fn a_source_that_went_away_is_told_from_a_refusal() {
+        assert!(failed(
+            "pg_dump: error: connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  \
+             the database system is shutting down"
+        )
+        .source_unavailable());
+        assert!(failed(
+            "pg_dump: error: Dumping the contents of table \"t\" failed: PQgetResult() failed.\n\
+             pg_dump: detail: server closed the connection unexpectedly"
+        )
+        .source_unavailable());
+        assert!(!failed(
+            "pg_dump: error: connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  \
+             password authentication failed for user \"m\""
+        )
+        .source_unavailable());
+        assert!(
+            !failed("pg_dump: error: query failed: ERROR:  permission denied for table t")
+                .source_unavailable()
+        );
+    }
+}

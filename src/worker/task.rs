@@ -378,33 +378,18 @@ impl Runner {
         )
         .map_err(|e| {
             let mut failure = Failure::new(e.to_string());
-            failure.transient = self.dump_lost_the_source(&failure.message, dbname);
+            // The post-data dump runs while the copy does: a source restarting
+            // then is an outage like any other, not the end of the task.
+            failure.transient = e.source_unavailable() || self.source_unreachable(dbname);
             Stop::Failed(failure)
         })
     }
 
-    /// Whether a failed pg_dump or pg_dumpall met an outage of the source
-    /// rather than something retrying cannot mend. The programs report a lost
-    /// server only as text, so: the source cannot be reached now (connection
-    /// errors are classified as for our own connections), or the message is
-    /// one libpq or the server gives for a session cut short (a restart the
-    /// program did not outlive, the exported snapshot gone with it). Failures
-    /// to authenticate or a refused statement stay final.
-    fn dump_lost_the_source(&self, message: &str, dbname: &str) -> bool {
-        const CUT_SHORT: [&str; 9] = [
-            "server closed the connection unexpectedly",
-            "could not receive data from server",
-            "could not send data to server",
-            "no connection to the server",
-            "SSL SYSCALL error",
-            "terminating connection due to administrator command",
-            "the database system is shutting down",
-            "the database system is starting up",
-            "invalid snapshot identifier",
-        ];
-        if CUT_SHORT.iter().any(|cut| message.contains(cut)) {
-            return true;
-        }
+    /// Whether the source cannot be reached now, classified as for our own
+    /// connections: a failed pg_dump whose message
+    /// [`crate::schema::SchemaError::source_unavailable`]
+    /// does not know (another `lc_messages`) still counts as an outage then.
+    fn source_unreachable(&self, dbname: &str) -> bool {
         let mut options = ConnectOptions::new();
         options.io_timeout = crate::guc::source_timeout();
         options.interrupt_check = Some(Box::new(txn::interrupt_check));

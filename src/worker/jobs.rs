@@ -166,7 +166,7 @@ fn dispatch(
             let free = match state {
                 JobState::Done => {
                     if let Some(job) = running[index].take() {
-                        let next = progress_transaction(|| on_done(&job, result))?;
+                        let next = txn::run(|| on_done(&job, result))?;
                         for follow_up in next.into_iter().rev() {
                             queue.push_front(follow_up);
                         }
@@ -188,7 +188,7 @@ fn dispatch(
             // waiting for the next one would leave the slot idle a whole nap.
             if free && running[index].is_none() {
                 if let Some(job) = queue.pop_front() {
-                    progress_transaction(|| on_assign(&job))?;
+                    txn::run(|| on_assign(&job))?;
                     let pid = {
                         let mut slots = JOBS.exclusive();
                         let slot = &mut slots[index];
@@ -235,22 +235,6 @@ fn dispatch(
         // late a crashed database worker or a cancel is noticed.
         txn::nap(Duration::from_millis(500));
     }
-}
-
-/// Runs a job's progress bookkeeping (copying, copied, indexing, indexed) in a
-/// transaction that commits without waiting for its WAL to reach disk: with many
-/// small tables, four synchronous flushes per table in this loop were what the
-/// copy waited for. Nothing is lost that matters: the job's own commit on its
-/// database worker is synchronous and flushes all WAL written before it, and a
-/// progress row lost in a crash after that only makes the table redo its step
-/// on resume (a copy is emptied and done again, an index build that committed
-/// is recognised by "already exists").
-fn progress_transaction<R>(body: impl FnOnce() -> Result<R, Failure>) -> Result<R, Failure> {
-    txn::run(|| {
-        pgrx::Spi::run("SET LOCAL synchronous_commit = off")
-            .map_err(|e| Failure::new(e.to_string()))?;
-        body()
-    })
 }
 
 /// What a job does, for error messages.

@@ -29,6 +29,21 @@ const BULK_ROWS: u64 = 40_000;
 const SLOW_LINK: u64 = 2_000_000;
 
 fn completed(s: &Scenario, events: &[&str]) {
+    // The task worker writes "streaming again" when it next looks at the apply workers, which
+    // may come after the apply caught up: the switchover would end its watch first.
+    if events.contains(&"streaming again") {
+        poll_until(
+            &s.dest,
+            "postgres",
+            &format!(
+                "SELECT count(*) > 0 FROM cloudmig.events WHERE task_id = {} \
+                    AND message LIKE '%streaming again%'",
+                s.task
+            ),
+            "t",
+            TIMEOUT,
+        );
+    }
     s.switchover();
     assert_verdict(
         &s.source,

@@ -101,6 +101,37 @@ impl Scenario {
     pub fn switchover(&self) {
         migration::switchover(&self.dest, self.task, "{}");
     }
+
+    /// Switches over and asserts the verdict: completed, `events` among the task's events.
+    /// The task worker writes "streaming again" on its next look at the apply workers, which
+    /// may come after the apply caught up: the switchover would end its watch first, so that
+    /// one is waited for.
+    pub fn complete(&self, events: &[&str]) {
+        if events.contains(&"streaming again") {
+            crate::poll_until(
+                &self.dest,
+                "postgres",
+                &format!(
+                    "SELECT count(*) > 0 FROM cloudmig.events WHERE task_id = {} \
+                        AND message LIKE '%streaming again%'",
+                    self.task
+                ),
+                "t",
+                std::time::Duration::from_secs(180),
+            );
+        }
+        self.switchover();
+        crate::verdict::assert_verdict(
+            &self.source,
+            &self.dest,
+            self.task,
+            crate::verdict::Expect {
+                phase: "completed",
+                events,
+                databases: &["app"],
+            },
+        );
+    }
 }
 
 /// One round of writes on `source`'s `app`: rows added, changed and removed in each table.

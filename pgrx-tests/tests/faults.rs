@@ -28,35 +28,6 @@ const BULK_ROWS: u64 = 40_000;
 /// last a few seconds.
 const SLOW_LINK: u64 = 2_000_000;
 
-fn completed(s: &Scenario, events: &[&str]) {
-    // The task worker writes "streaming again" when it next looks at the apply workers, which
-    // may come after the apply caught up: the switchover would end its watch first.
-    if events.contains(&"streaming again") {
-        poll_until(
-            &s.dest,
-            "postgres",
-            &format!(
-                "SELECT count(*) > 0 FROM cloudmig.events WHERE task_id = {} \
-                    AND message LIKE '%streaming again%'",
-                s.task
-            ),
-            "t",
-            TIMEOUT,
-        );
-    }
-    s.switchover();
-    assert_verdict(
-        &s.source,
-        &s.dest,
-        s.task,
-        Expect {
-            phase: "completed",
-            events,
-            databases: &["app"],
-        },
-    );
-}
-
 /// Writes ~`mb` MB of changes on the source (so the catch-up after the copy has that much to
 /// stream through the slow link).
 fn write_megabytes(source: &Cluster, mb: u64) {
@@ -109,10 +80,7 @@ fn source_restarts_fast_and_immediate_in_copy_catchup_and_incremental() {
         };
         s.source.outage(mode, Duration::from_secs(1));
     });
-    completed(
-        &s,
-        &["the source is unavailable", "retrying", "streaming again"],
-    );
+    s.complete(&["the source is unavailable", "retrying", "streaming again"]);
 }
 
 #[test]
@@ -136,13 +104,13 @@ fn destination_kill9_of_a_worker_in_each_phase() {
         let killed = s.dest.kill9(victim);
         assert!(killed > 0, "no {victim} ran in {phase}");
     });
-    completed(&s, &[]);
+    s.complete(&[]);
 }
 
 #[test]
 fn destination_immediate_stop_in_each_phase() {
     let s = in_each_phase("f-dst-immediate", |s, _| s.dest.restart_immediate());
-    completed(&s, &[]);
+    s.complete(&[]);
 }
 
 #[test]
@@ -183,7 +151,7 @@ fn a_black_hole_longer_than_the_source_timeout_then_resets() {
         s.caught_up();
     }
     assert_eq!(s.phase(), "incremental", "{}", events(&s.dest, s.task));
-    completed(&s, &["the source sent nothing", "streaming again"]);
+    s.complete(&["the source sent nothing", "streaming again"]);
 }
 
 #[test]
@@ -232,7 +200,7 @@ fn walsenders_terminated_under_load() {
     load.join().expect("the load ran");
     s.caught_up();
     assert_eq!(s.phase(), "incremental", "{}", events(&s.dest, s.task));
-    completed(&s, &["terminating connection", "streaming again"]);
+    s.complete(&["terminating connection", "streaming again"]);
 }
 
 /// A small tmpfs mounted under a cluster's directory for a tablespace of the destination;
@@ -365,7 +333,7 @@ fn destination_disk_full_then_freed() {
     s.dest
         .execute("app", "ALTER TABLE items SET TABLESPACE pg_default");
     s.dest.execute("postgres", "DROP TABLESPACE small");
-    completed(&s, &["could not extend file", "streaming again"]);
+    s.complete(&["could not extend file", "streaming again"]);
     drop(disk);
 }
 
@@ -543,7 +511,7 @@ fn truncate_sequences_and_large_objects_after_the_copy() {
     s.caught_up();
     let child: i64 = s.dest.query_scalar("app", "SELECT count(*) FROM child");
     assert_eq!(child, 10, "TRUNCATE ... CASCADE emptied child here too");
-    completed(&s, &[]);
+    s.complete(&[]);
     assert_same_sequences(&s.source, &s.dest, "app");
     assert_same_large_objects(&s.source, &s.dest, "app");
     let next: i64 = s
@@ -590,5 +558,5 @@ fn large_transactions_with_savepoints_and_aborted_ones_under_64kb_of_decoding_me
         .dest
         .query_scalar("app", "SELECT count(*) FROM bulk WHERE id > 100000");
     assert_eq!(rows, 50_000);
-    completed(&s, &[]);
+    s.complete(&[]);
 }

@@ -5,26 +5,11 @@
 //! Each ends with the verdict of tests/faults.rs.
 
 use cloudmig_e2e::compare::assert_same_sequences;
-use cloudmig_e2e::faults::{scenario, write_round, Scenario};
+use cloudmig_e2e::faults::{scenario, write_round};
 use cloudmig_e2e::migration::events;
-use cloudmig_e2e::verdict::{assert_verdict, Expect};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn completed(s: &Scenario, expected_events: &[&str]) {
-    s.switchover();
-    assert_verdict(
-        &s.source,
-        &s.dest,
-        s.task,
-        Expect {
-            phase: "completed",
-            events: expected_events,
-            databases: &["app"],
-        },
-    );
-}
 
 #[test]
 #[ignore = "slow: run by `make e2e-slow`"]
@@ -87,7 +72,7 @@ fn the_link_resets_every_few_seconds_for_two_minutes_under_load() {
     write_round(&s.source, 1);
     s.caught_up();
     assert_eq!(s.phase(), "incremental", "{}", events(&s.dest, s.task));
-    completed(&s, &["retrying", "streaming again"]);
+    s.complete(&["retrying", "streaming again"]);
 }
 
 #[test]
@@ -126,7 +111,7 @@ fn a_1_gb_transaction_with_savepoints_under_64kb_of_decoding_memory() {
         .dest
         .query_scalar("app", "SELECT count(*) FROM bulk WHERE id > 1000000");
     assert_eq!(rows, 750_000);
-    completed(&s, &[]);
+    s.complete(&[]);
 }
 
 #[test]
@@ -160,7 +145,7 @@ fn a_hundred_thousand_nextval_on_descending_cycling_and_identity_sequences_durin
             .expect("nextval");
     }
     s.caught_up();
-    completed(&s, &[]);
+    s.complete(&[]);
     assert_same_sequences(&s.source, &s.dest, "app");
     let next: i64 = s
         .dest

@@ -97,6 +97,29 @@ impl Scenario {
         migration::caught_up(&self.source, &self.dest, self.task);
     }
 
+    /// Puts five WAL segments between the source's position and its slot, more than the
+    /// scenarios' `max_slot_wal_keep_size = 48MB` keeps (the WAL stays until a checkpoint
+    /// removes it, which invalidates the slot), and waits for the task's early warning.
+    pub fn outgrow_slot_wal_limit(&self) {
+        self.source.execute(
+            "app",
+            "DO $$ BEGIN FOR i IN 1..5 LOOP \
+               PERFORM pg_logical_emit_message(false, 'fill', 'x'); PERFORM pg_switch_wal(); \
+             END LOOP; END $$",
+        );
+        crate::poll_until(
+            &self.dest,
+            "postgres",
+            &format!(
+                "SELECT count(*) > 0 FROM cloudmig.events WHERE task_id = {} AND kind = 'warning' \
+                    AND message LIKE '%may be invalidated soon%'",
+                self.task
+            ),
+            "t",
+            std::time::Duration::from_secs(180),
+        );
+    }
+
     /// Switches over and waits until the task is completed.
     pub fn switchover(&self) {
         migration::switchover(&self.dest, self.task, "{}");

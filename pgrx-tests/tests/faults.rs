@@ -357,24 +357,7 @@ fn an_invalidated_slot_fails_the_task_with_an_explanation_after_a_warning() {
         "app",
         "UPDATE items SET name = name || ' held' WHERE id = 1",
     );
-    // Five WAL segments past the slot: more than max_slot_wal_keep_size, not yet removed.
-    s.source.execute(
-        "app",
-        "DO $$ BEGIN FOR i IN 1..5 LOOP \
-           PERFORM pg_logical_emit_message(false, 'fill', 'x'); PERFORM pg_switch_wal(); \
-         END LOOP; END $$",
-    );
-    poll_until(
-        &s.dest,
-        "postgres",
-        &format!(
-            "SELECT count(*) > 0 FROM cloudmig.events WHERE task_id = {} AND kind = 'warning' \
-                AND message LIKE '%may be invalidated soon%'",
-            s.task
-        ),
-        "t",
-        TIMEOUT,
-    );
+    s.outgrow_slot_wal_limit();
     // The checkpoint removes the WAL and invalidates the slot.
     s.source.execute("postgres", "CHECKPOINT");
     s.wait("failed");
@@ -429,23 +412,7 @@ fn a_slot_invalidated_during_the_copy_fails_the_task_before_the_apply_starts() {
         |p| p.set_rate(Direction::Down, Some(SLOW_LINK / 4)),
     );
     s.wait("full_copy");
-    s.source.execute(
-        "app",
-        "DO $$ BEGIN FOR i IN 1..5 LOOP \
-           PERFORM pg_logical_emit_message(false, 'fill', 'x'); PERFORM pg_switch_wal(); \
-         END LOOP; END $$",
-    );
-    poll_until(
-        &s.dest,
-        "postgres",
-        &format!(
-            "SELECT count(*) > 0 FROM cloudmig.events WHERE task_id = {} AND kind = 'warning' \
-                AND message LIKE '%may be invalidated soon%'",
-            s.task
-        ),
-        "t",
-        TIMEOUT,
-    );
+    s.outgrow_slot_wal_limit();
     s.source.execute("postgres", "CHECKPOINT");
     s.wait("failed");
     s.proxy.set_rate(Direction::Down, None);

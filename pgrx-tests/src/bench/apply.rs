@@ -56,16 +56,7 @@ pub fn run(bench: &mut Bench) {
     );
     // A warm-up load: after the source's initial checkpoint the first writes to each page carry
     // a full-page image, which only the first applier's backlog would otherwise hold.
-    let mut warm_up = bench.source.command("pgbench");
-    warm_up.args([
-        "-n",
-        "-c4",
-        "-j2",
-        "-T",
-        &bench.opts.backlog_seconds.to_string(),
-        BENCH_DB,
-    ]);
-    if let Err(e) = run_program(&mut warm_up) {
+    if let Err(e) = backlog_load(&bench.source, bench.opts.backlog_seconds) {
         println!("  warm-up pgbench failed: {}", first_lines(&e, 2));
     }
     for rep in 1..=bench.opts.reps {
@@ -140,6 +131,16 @@ fn record_cpu(outcome: &mut Outcome, side: &str, meter: &mut Meter, transactions
     );
 }
 
+/// The backlog every applier drains: pgbench's default load on `bench` for `seconds`, four
+/// clients on two threads; returns how many transactions it committed.
+fn backlog_load(source: &Cluster, seconds: u32) -> Result<u64, String> {
+    let mut pgbench = source.command("pgbench");
+    pgbench.args(["-n", "-c4", "-j2", "-T", &seconds.to_string(), BENCH_DB]);
+    let out = run_program(&mut pgbench).map_err(|e| format!("pgbench: {e}"))?;
+    processed(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| "pgbench printed no transaction count".to_string())
+}
+
 /// The ceiling of every applier: the source's walsender decoding a backlog of the same load
 /// with pgoutput for `pg_recvlogical`, which writes it to /dev/null. The walsender's CPU per
 /// transaction here is what decoding costs without any applier behind it.
@@ -152,21 +153,9 @@ fn decoding_alone(bench: &Bench, outcome: &mut Outcome) -> Status {
         BENCH_DB,
         "SELECT pg_create_logical_replication_slot('bench_decode', 'pgoutput')",
     );
-    let mut pgbench = source.command("pgbench");
-    pgbench.args([
-        "-n",
-        "-c4",
-        "-j2",
-        "-T",
-        &opts.backlog_seconds.to_string(),
-        BENCH_DB,
-    ]);
-    let transactions = match run_program(&mut pgbench) {
-        Ok(out) => match processed(&String::from_utf8_lossy(&out.stdout)) {
-            Some(n) => n,
-            None => return Status::Failed("pgbench printed no transaction count".into()),
-        },
-        Err(e) => return Status::Failed(format!("pgbench: {e}")),
+    let transactions = match backlog_load(source, opts.backlog_seconds) {
+        Ok(n) => n,
+        Err(e) => return Status::Failed(e),
     };
     let mut on_source = source.client(BENCH_DB);
     let end_lsn = lsn_now(&mut on_source);
@@ -333,21 +322,9 @@ fn drain(bench: &Bench, tool: Tool, dest: &Cluster, outcome: &mut Outcome) -> St
     // is written until the blocked applier stops reading, the rest once the lock is released.
     let mut walsender = Meter::start(&cpu::pids(source, "postgres", WALSENDER_PIDS));
     let mut applier = Meter::start(&cpu::pids(dest, "postgres", APPLIER_PIDS));
-    let mut pgbench = source.command("pgbench");
-    pgbench.args([
-        "-n",
-        "-c4",
-        "-j2",
-        "-T",
-        &opts.backlog_seconds.to_string(),
-        BENCH_DB,
-    ]);
-    let transactions = match run_program(&mut pgbench) {
-        Ok(out) => match processed(&String::from_utf8_lossy(&out.stdout)) {
-            Some(n) => n,
-            None => return Status::Failed("pgbench printed no transaction count".into()),
-        },
-        Err(e) => return Status::Failed(format!("pgbench: {e}")),
+    let transactions = match backlog_load(source, opts.backlog_seconds) {
+        Ok(n) => n,
+        Err(e) => return Status::Failed(e),
     };
     let marker = match bump_marker(&mut on_source) {
         Ok(n) => n,

@@ -170,6 +170,8 @@ impl fmt::Display for Tool {
 pub enum Link {
     /// Straight to the source's port on 127.0.0.1.
     Direct,
+    /// Through the proxy: a source in the same region, 0.5 ms round trip, 10 Gbit/s each way.
+    Lan,
     /// Through the proxy: 30 ms round trip, 1 Gbit/s each way.
     Ms30Gbit1,
     /// Through the proxy: 30 ms round trip, 100 Mbit/s each way.
@@ -178,12 +180,13 @@ pub enum Link {
 
 impl Link {
     /// Every link, in run order.
-    pub const ALL: [Link; 3] = [Link::Direct, Link::Ms30Gbit1, Link::Ms30Mbit100];
+    pub const ALL: [Link; 4] = [Link::Direct, Link::Lan, Link::Ms30Gbit1, Link::Ms30Mbit100];
 
     /// The name on the command line, in JSON and in titles.
     pub fn name(self) -> &'static str {
         match self {
             Link::Direct => "direct",
+            Link::Lan => "lan",
             Link::Ms30Gbit1 => "30ms-1gbit",
             Link::Ms30Mbit100 => "30ms-100mbit",
         }
@@ -200,6 +203,7 @@ impl Link {
         const CAP: usize = 4 << 20;
         match self {
             Link::Direct => None,
+            Link::Lan => Some((Duration::from_micros(250), 1_250_000_000, CAP)),
             Link::Ms30Gbit1 => Some((Duration::from_millis(15), 125_000_000, CAP)),
             Link::Ms30Mbit100 => Some((Duration::from_millis(15), 12_500_000, CAP)),
         }
@@ -493,11 +497,12 @@ flags (or environment variables BENCH_<NAME>, e.g. BENCH_SCALE=20):
   --extra on|off         copy database extra (wide, TOAST, small tables, no key, partitions)
   --tools LIST           comma-separated: cloudmig,native,pglogical,pgdump-pipe,pgdump-j2,pgcopydb
                          (default all)
-  --link LIST            comma-separated: direct,30ms-1gbit,30ms-100mbit (default direct); the
+  --link LIST            comma-separated: direct,lan,30ms-1gbit,30ms-100mbit (default direct); the
                          chosen sections run over each in turn. Other than direct, every tool
                          reaches the source through a TCP proxy on 127.0.0.1 that delays each
-                         direction 15 ms, limits each to the rate (token bucket) and keeps at
-                         most 4 MiB in flight per connection and direction
+                         direction (lan 0.25 ms at 10 Gbit/s; 30ms-* 15 ms at 1 Gbit/s or 100
+                         Mbit/s), limits each to the rate (token bucket) and keeps at most 4 MiB
+                         in flight per connection and direction
   --out DIR              results directory (default bench-results/ of the repository)
 
 environment: CLOUDMIG_PG_BINDIR (PostgreSQL binaries, with cloudmig and pglogical installed),
@@ -612,9 +617,12 @@ mod tests {
         assert!(Options::parse(&["--bogus".to_owned(), "1".to_owned()]).is_err());
         assert!(Options::parse(&["--sections=fast".to_owned()]).is_err());
         assert_eq!(opts.links, vec![Link::Direct]);
-        let links = Options::parse(&["--link=30ms-100mbit,direct".to_owned()]).unwrap();
-        assert_eq!(links.links, vec![Link::Direct, Link::Ms30Mbit100]);
-        assert!(Options::parse(&["--link=lan".to_owned()]).is_err());
+        let links = Options::parse(&["--link=30ms-100mbit,lan,direct".to_owned()]).unwrap();
+        assert_eq!(
+            links.links,
+            vec![Link::Direct, Link::Lan, Link::Ms30Mbit100]
+        );
+        assert!(Options::parse(&["--link=wan".to_owned()]).is_err());
     }
 
     #[test]

@@ -211,8 +211,8 @@ fn link_words(link: Link) -> String {
         Some((delay, rate, cap)) => format!(
             "{link}: through a TCP proxy on 127.0.0.1, {} ms each way ({} ms round trip), {} Mbit/s \
              each way (token bucket), at most {} MiB in flight per connection and direction",
-            delay.as_millis(),
-            2 * delay.as_millis(),
+            delay.as_secs_f64() * 1e3,
+            2.0 * delay.as_secs_f64() * 1e3,
             rate * 8 / 1_000_000,
             cap >> 20
         ),
@@ -301,7 +301,7 @@ fn copy_by_link(outcomes: &[Outcome], links: &[Link]) -> String {
          link (1.00 is no loss; the target for cloudmig over 30 ms is at least 0.80). \
          Connections, exchanges: what crossed the link during the copy (median): connections \
          opened to the source, and exchanges, the times a client sent bytes after the source had \
-         answered, each a request it waited for and so at least a round trip (30 ms).\n\n",
+         answered, each a request it waited for and so at least a round trip.\n\n",
     );
     md
 }

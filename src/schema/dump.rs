@@ -1,5 +1,5 @@
 //! Runs the destination's own client programs (`pg_dump`, `pg_dumpall`)
-//! against the source.
+//! against the source, and `pg_restore` on what they saved here.
 //!
 //! They come from the directory of this server's binaries, so their major
 //! version is the destination's, as pg_dump requires (`cloudmig.pg_bin_dir`
@@ -29,7 +29,7 @@ pub fn bin_dir() -> PathBuf {
 
 /// Runs `program args...` against `dbname` on the source and returns what it
 /// printed. `work_dir` holds the temporary passfile. `interrupt_check` is
-/// called every 100 ms while the program runs; if it unwinds, the program is
+/// called at least every 100 ms while the program runs; if it unwinds, the program is
 /// killed first.
 pub fn run(
     program: &str,
@@ -68,6 +68,35 @@ pub fn run(
         Some(file) => command.env("PGPASSFILE", file),
         None => command.env("PGPASSFILE", "/dev/null"),
     };
+    collect(program, &path, &mut command, interrupt_check)
+}
+
+/// Runs the destination's `pg_restore args...` on a local archive (no
+/// connection anywhere) and returns the script it printed: pg_dump's own
+/// section logic applied to a custom-format dump taken once.
+pub fn restore_script(args: &[&str], interrupt_check: fn()) -> Result<String, SchemaError> {
+    let path = bin_dir().join("pg_restore");
+    let mut command = Command::new(&path);
+    command
+        .args(args)
+        .arg("--file=-")
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSERVICE")
+        .env_remove("PGOPTIONS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    collect("pg_restore", &path, &mut command, interrupt_check)
+}
+
+/// Starts `command` and waits for it, checking interrupts; its standard
+/// output when it succeeded, its standard error as the failure otherwise.
+fn collect(
+    program: &str,
+    path: &Path,
+    command: &mut Command,
+    interrupt_check: fn(),
+) -> Result<String, SchemaError> {
     let mut child = command.spawn().map_err(|source| SchemaError::Spawn {
         program: path.display().to_string(),
         source,
@@ -78,12 +107,16 @@ pub fn run(
     // pipe cannot stall the child while this thread waits and checks interrupts.
     let stdout = guard.0.stdout.take().map(read_all_in_thread);
     let stderr = guard.0.stderr.take().map(read_all_in_thread);
+    // Short naps first: a local pg_restore of a schema ends in milliseconds,
+    // and a fixed 100 ms would add up over every database.
+    let mut nap = Duration::from_millis(2);
     let status = loop {
         if let Some(status) = guard.0.try_wait()? {
             break status;
         }
         interrupt_check();
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(100));
     };
     let stdout = stdout.map(join_output).unwrap_or_default();
     let stderr = stderr.map(join_output).unwrap_or_default();

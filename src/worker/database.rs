@@ -10,12 +10,48 @@ use crate::schema::{execute, script};
 use crate::source::{quote_ident, quote_literal, ConnInfo, ConnectOptions, Connection};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// A source session inside a snapshot, kept across jobs that share it.
 struct Session {
     snapshot: String,
     connection: Connection,
+}
+
+/// The column lists of a database's tables (see `crate::copy::TableColumns`),
+/// read once from the file the task worker wrote with its plan.
+type ColumnLists = HashMap<(String, String), Vec<String>>;
+
+/// The last column file read, by path.
+#[derive(Default)]
+struct ColumnCache(Option<(String, ColumnLists)>);
+
+impl ColumnCache {
+    /// The columns of `schema.table` per the file at `path`; None when the
+    /// file does not list it (or there is none), and the source is asked.
+    fn get(
+        &mut self,
+        path: &str,
+        schema: &str,
+        table: &str,
+    ) -> Result<Option<Vec<String>>, Failure> {
+        if path.is_empty() {
+            return Ok(None);
+        }
+        if self.0.as_ref().is_none_or(|(cached, _)| cached != path) {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
+            let lists = crate::copy::parse_columns(&text)
+                .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
+            self.0 = Some((path.to_string(), lists));
+        }
+        Ok(self
+            .0
+            .as_ref()
+            .and_then(|(_, lists)| lists.get(&(schema.to_string(), table.to_string())))
+            .cloned())
+    }
 }
 
 #[pg_guard]
@@ -34,6 +70,7 @@ pub extern "C-unwind" fn cloudmig_database_main(arg: pg_sys::Datum) {
     let my_pid = unsafe { pg_sys::MyProcPid };
     JOBS.exclusive()[index].worker_pid = my_pid;
     let mut session: Option<Session> = None;
+    let mut columns = ColumnCache::default();
     while !txn::shutdown_requested() {
         let job = {
             let mut slots = JOBS.exclusive();
@@ -52,7 +89,7 @@ pub extern "C-unwind" fn cloudmig_database_main(arg: pg_sys::Datum) {
             txn::nap(Duration::from_millis(100));
             continue;
         };
-        let result = run_job(index, &database, &job, &mut session);
+        let result = run_job(index, &database, &job, &mut session, &mut columns);
         let task_pid = {
             let mut slots = JOBS.exclusive();
             let slot = &mut slots[index];
@@ -104,9 +141,10 @@ fn open_session(database: &str, snapshot: &str) -> Result<Session, Failure> {
         ]
         .map(str::to_string),
     );
-    for statement in setup {
-        connection.execute(&statement).map_err(source_failure)?;
-    }
+    // One exchange for all of it: over a distant link each costs a round trip.
+    connection
+        .execute(&setup.join("; "))
+        .map_err(source_failure)?;
     Ok(Session {
         snapshot: snapshot.to_string(),
         connection,
@@ -146,6 +184,7 @@ fn run_job(
     database: &str,
     job: &shared::JobSlot,
     session: &mut Option<Session>,
+    columns: &mut ColumnCache,
 ) -> Result<(), Failure> {
     let snapshot = job.snapshot.get();
     match job.kind {
@@ -170,12 +209,15 @@ fn run_job(
                 .map_err(|e| Failure::new(format!("could not write {}: {e}", skipped_path(&path))))
         }
         JobKind::CopyTable => {
+            let (schema, table) = (job.schema.get(), job.table.get());
+            let listed = columns.get(&job.path.get(), &schema, &table)?;
             let connection = session_for(session, database, &snapshot)?;
             copy_table(
                 index,
                 connection,
-                &job.schema.get(),
-                &job.table.get(),
+                &schema,
+                &table,
+                listed,
                 job.truncate_first,
             )
         }
@@ -239,20 +281,25 @@ fn copy_table(
     connection: &mut Connection,
     schema: &str,
     table: &str,
+    listed: Option<Vec<String>>,
     truncate_first: bool,
 ) -> Result<(), Failure> {
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
-    let columns: Vec<String> = connection
-        .simple_query(&format!(
-            "SELECT attname FROM pg_catalog.pg_attribute \
-              WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped \
-                AND attgenerated = '' ORDER BY attnum",
-            quote_literal(&qualified)
-        ))
-        .map_err(source_failure)?
-        .iter()
-        .filter_map(|row| row.get("attname").map(str::to_string))
-        .collect();
+    let columns: Vec<String> = match listed {
+        Some(columns) => columns,
+        // Not in the plan's list: asked here, in the session's snapshot.
+        None => connection
+            .simple_query(&format!(
+                "SELECT attname FROM pg_catalog.pg_attribute \
+                  WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped \
+                    AND attgenerated = '' ORDER BY attnum",
+                quote_literal(&qualified)
+            ))
+            .map_err(source_failure)?
+            .iter()
+            .filter_map(|row| row.get("attname").map(str::to_string))
+            .collect(),
+    };
     let column_list = if columns.is_empty() {
         String::new()
     } else {

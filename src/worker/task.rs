@@ -4,12 +4,14 @@
 //! Per phase, for every source database:
 //! * `roles`: `pg_dumpall --roles-only`, roles that exist here left alone;
 //! * `schema`: a permanent logical slot (pgoutput) created on a replication
-//!   connection that exports a snapshot and stays open; `pg_dump --create
-//!   --section=pre-data --snapshot`; the database created here (top level) and
-//!   the rest applied inside it by a database worker;
+//!   connection that exports a snapshot and stays open; one `pg_dump
+//!   --schema-only --format=custom --snapshot` to the work dir, its pre-data
+//!   section printed here by `pg_restore --create --section=pre-data`; the
+//!   database created here (top level) and the rest applied inside it by a
+//!   database worker;
 //! * `full_copy`: the tables planned from the source at the snapshot, copied
 //!   by up to `copy_workers` database workers, largest first, each table's
-//!   own indexes and constraints (its part of pg_dump's post-data) built by
+//!   own indexes and constraints (its part of the same dump's post-data) built by
 //!   the worker that copied it right after its rows, as `pg_restore -j` does;
 //!   then sequences and large objects at the same snapshot;
 //! * `post_data`: the rest of post-data (foreign keys, triggers, rules,
@@ -38,7 +40,7 @@ use super::slot_watch::SlotWatch;
 use super::txn::{self, Failure};
 use crate::catalog::secrets;
 use crate::catalog::tasks::{self, Phase, PlannedTable, TableCopy, Task, TaskDatabase};
-use crate::copy::SOURCE_TABLES_SQL;
+use crate::copy::{format_columns, TableColumns, SOURCE_TABLES_SQL};
 use crate::schema::{dump, execute, roles, script};
 use crate::source::{
     quote_ident, quote_literal, ConnInfo, ConnectOptions, Connection, CreatedSlot, SourceError,
@@ -829,21 +831,10 @@ impl Runner {
             let datname = database.datname.clone();
             self.take_snapshot(&database, None)?;
             let (snapshot, lsn) = self.snapshot_of(&datname).unwrap_or_default();
-            let dump = self.dump(
-                "pg_dump",
-                &[
-                    "--schema-only",
-                    "--section=pre-data",
-                    "--create",
-                    // Each object's statements preceded by its owner, run
-                    // as that owner (see schema::execute).
-                    "--use-set-session-authorization",
-                    "--no-publications",
-                    "--no-subscriptions",
-                    &format!("--snapshot={snapshot}"),
-                ],
-                &datname,
-            )?;
+            // One schema dump per database, at the snapshot; pre-data now
+            // and post-data later are cut from it here (see `dump_schema`).
+            let archive = self.dump_schema(ordinal, &datname, &snapshot)?;
+            let dump = self.restore_section(&archive, "pre-data", &datname)?;
             let split = script::split(&dump).map_err(|e| {
                 Stop::Failed(Failure::with_hint(
                     format!("pre-data schema dump of {datname} refused: {e}"),
@@ -935,7 +926,8 @@ impl Runner {
                 )?;
             }
             let (snapshot, sync_lsn) = self.snapshot_of(&datname).unwrap_or_default();
-            let planned = self.plan(&datname, &snapshot)?;
+            let (planned, columns) = self.plan(&datname, &snapshot)?;
+            let columns_path = self.write_columns(ordinal, &columns)?;
             txn::spi(|| tasks::plan_tables(task_id, &datname, &planned))?;
             let tables = txn::spi(|| tasks::tables_to_copy(task_id, &datname))?;
             // Each table's own indexes and constraints, built right after its
@@ -954,6 +946,7 @@ impl Runner {
                         schema: table.schema_name.clone(),
                         table: table.table_name.clone(),
                         snapshot: snapshot.clone(),
+                        path: columns_path.clone(),
                         // An interrupted copy, or an extension's defaults to replace.
                         truncate_first: table.state == "copying" || table.extension_config,
                         ..Job::default()
@@ -1040,18 +1033,14 @@ impl Runner {
         datname: &str,
         snapshot: &str,
     ) -> Result<HashMap<(String, String), String>, Stop> {
-        let mut args = vec![
-            "--schema-only".to_string(),
-            "--section=post-data".to_string(),
-            "--use-set-session-authorization".to_string(),
-            "--no-publications".to_string(),
-            "--no-subscriptions".to_string(),
-        ];
-        if !snapshot.is_empty() {
-            args.push(format!("--snapshot={snapshot}"));
+        // The archive the pre-data came from, so both halves describe the
+        // same schema; taken again (at the snapshot held now) only if it is
+        // gone.
+        let mut archive = self.schema_archive(ordinal);
+        if !archive.exists() {
+            archive = self.dump_schema(ordinal, datname, snapshot)?;
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let dump = self.dump("pg_dump", &args, datname)?;
+        let dump = self.restore_section(&archive, "post-data", datname)?;
         let refused = |e: script::ScriptError| {
             Stop::Failed(Failure::with_hint(
                 format!("post-data schema dump of {datname} refused: {e}"),
@@ -1081,28 +1070,110 @@ impl Runner {
         Ok(paths)
     }
 
-    /// The tables of a source database, read at the snapshot.
-    fn plan(&self, datname: &str, snapshot: &str) -> Result<Vec<PlannedTable>, Stop> {
+    /// Where the schema dump of the `ordinal`-th database is kept.
+    fn schema_archive(&self, ordinal: usize) -> PathBuf {
+        self.work_dir.join(format!("schema-{ordinal}.dump"))
+    }
+
+    /// Dumps the whole schema of `datname` at `snapshot` (none: now) once,
+    /// in pg_dump's custom format, to the task's work dir: one pg_dump run
+    /// per database, where a dump per section ran it twice, and over a
+    /// distant link each run costs a round trip per table it locks. Written
+    /// under a temporary name first, so a run cut short never passes for a
+    /// whole dump.
+    fn dump_schema(&self, ordinal: usize, datname: &str, snapshot: &str) -> Result<PathBuf, Stop> {
+        let archive = self.schema_archive(ordinal);
+        let partial = archive.with_extension("dump.partial");
+        let mut args = vec![
+            "--schema-only".to_string(),
+            "--format=custom".to_string(),
+            // Small, and read back at once: not worth the CPU.
+            "--compress=0".to_string(),
+            "--no-publications".to_string(),
+            "--no-subscriptions".to_string(),
+            format!("--file={}", partial.display()),
+        ];
+        if !snapshot.is_empty() {
+            args.push(format!("--snapshot={snapshot}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.dump("pg_dump", &args, datname)?;
+        std::fs::rename(&partial, &archive).map_err(|e| {
+            Stop::Failed(Failure::new(format!(
+                "could not rename {}: {e}",
+                partial.display()
+            )))
+        })?;
+        Ok(archive)
+    }
+
+    /// The script of one section of a schema archive, as pg_dump would have
+    /// printed it with `--section`: run locally by the destination's
+    /// pg_restore, pg_dump's own section logic with no trip to the source.
+    /// Each object's statements come preceded by its owner, run as that
+    /// owner (see schema::execute); pre-data also creates the database.
+    fn restore_section(
+        &self,
+        archive: &std::path::Path,
+        section: &str,
+        datname: &str,
+    ) -> Result<String, Stop> {
+        let section_arg = format!("--section={section}");
+        let mut args = vec![section_arg.as_str(), "--use-set-session-authorization"];
+        if section == "pre-data" {
+            args.push("--create");
+        }
+        let archive = archive.display().to_string();
+        args.push(&archive);
+        dump::restore_script(&args, txn::interrupt_check).map_err(|e| {
+            Stop::Failed(Failure::new(format!(
+                "could not read the {section} schema of {datname} from its dump: {e}"
+            )))
+        })
+    }
+
+    /// The tables of a source database, read at the snapshot, with the
+    /// columns each one's COPY reads.
+    fn plan(
+        &self,
+        datname: &str,
+        snapshot: &str,
+    ) -> Result<(Vec<PlannedTable>, Vec<TableColumns>), Stop> {
         let mut connection = self.connect(datname, false)?;
-        let mut planning = || -> Result<Vec<PlannedTable>, SourceError> {
-            connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+        type Plan = (Vec<PlannedTable>, Vec<TableColumns>);
+        let mut planning = || -> Result<Plan, SourceError> {
+            // One exchange: over a distant link each costs a round trip.
             connection.execute(&format!(
-                "SET TRANSACTION SNAPSHOT {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
                 quote_literal(snapshot)
             ))?;
             let rows = connection.simple_query(SOURCE_TABLES_SQL)?;
             connection.execute("COMMIT")?;
-            rows.iter()
-                .map(|row| {
-                    Ok(PlannedTable {
-                        schema_name: row.try_get("schema_name")?.unwrap_or_default().to_string(),
-                        table_name: row.try_get("table_name")?.unwrap_or_default().to_string(),
-                        bytes_total: row.parse("bytes_total")?,
-                        rows_estimated: row.parse("rows_estimated")?,
-                        extension_config: row.get_bool("extension_config")?,
-                    })
-                })
-                .collect()
+            let mut planned = Vec::with_capacity(rows.len());
+            let mut columns = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let schema = row.try_get("schema_name")?.unwrap_or_default().to_string();
+                let table = row.try_get("table_name")?.unwrap_or_default().to_string();
+                let names: Vec<String> =
+                    serde_json::from_str(row.try_get("columns")?.unwrap_or("[]")).map_err(|e| {
+                        SourceError::Protocol(format!(
+                            "column \"columns\" is not a JSON array of names: {e}"
+                        ))
+                    })?;
+                columns.push(TableColumns {
+                    schema: schema.clone(),
+                    table: table.clone(),
+                    columns: names,
+                });
+                planned.push(PlannedTable {
+                    schema_name: schema,
+                    table_name: table,
+                    bytes_total: row.parse("bytes_total")?,
+                    rows_estimated: row.parse("rows_estimated")?,
+                    extension_config: row.get_bool("extension_config")?,
+                });
+            }
+            Ok((planned, columns))
         };
         let planned = planning().map_err(|e| {
             Stop::Failed(source_failure(
@@ -1112,6 +1183,21 @@ impl Runner {
         });
         connection.close();
         planned
+    }
+
+    /// Writes the column lists of a database's tables for its copy workers
+    /// (see [`TableColumns`]); returns the file's path.
+    fn write_columns(&self, ordinal: usize, columns: &[TableColumns]) -> Result<String, Stop> {
+        let path = self.work_dir.join(format!("columns-{ordinal}.jsonl"));
+        let text = format_columns(columns)
+            .map_err(|e| Stop::Failed(Failure::new(format!("could not list columns: {e}"))))?;
+        std::fs::write(&path, text).map_err(|e| {
+            Stop::Failed(Failure::new(format!(
+                "could not write {}: {e}",
+                path.display()
+            )))
+        })?;
+        Ok(path.display().to_string())
     }
 
     fn apply_post_data(&mut self) -> Result<(), Stop> {

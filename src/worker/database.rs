@@ -203,23 +203,35 @@ fn run_job(
                 }
                 other => other?,
             };
-            // For the task worker's events (this worker cannot reach the catalog).
-            let lines: String = skipped.iter().map(|s| s.message() + "\n").collect();
-            std::fs::write(skipped_path(&path), lines)
-                .map_err(|e| Failure::new(format!("could not write {}: {e}", skipped_path(&path))))
+            write_skipped(&path, &skipped)
         }
         JobKind::CopyTable => {
             let (schema, table) = (job.schema.get(), job.table.get());
             let listed = columns.get(&job.path.get(), &schema, &table)?;
             let connection = session_for(session, database, &snapshot)?;
-            copy_table(
+            let script = job.script.get();
+            let indexes = if script.is_empty() {
+                None
+            } else {
+                let sql = std::fs::read_to_string(&script)
+                    .map_err(|e| Failure::new(format!("could not read {script}: {e}")))?;
+                Some(script::steps(&sql).map_err(|e| {
+                    Failure::with_hint(format!("schema script refused: {e}"), e.hint())
+                })?)
+            };
+            let skipped = copy_table(
                 index,
                 connection,
                 &schema,
                 &table,
                 listed,
                 job.truncate_first,
-            )
+                indexes.as_deref().map(|steps| (steps, job.caller)),
+            )?;
+            if !script.is_empty() {
+                write_skipped(&script, &skipped)?;
+            }
+            Ok(())
         }
         JobKind::CopySequences => {
             let connection = session_for(session, database, &snapshot)?;
@@ -263,6 +275,18 @@ fn run_job(
     }
 }
 
+/// Lists what applying the script at `script_path` left out, for the task
+/// worker's events (this worker cannot reach the catalog).
+fn write_skipped(script_path: &str, skipped: &[execute::Skipped]) -> Result<(), Failure> {
+    let lines: String = skipped.iter().map(|s| s.message() + "\n").collect();
+    std::fs::write(skipped_path(script_path), lines).map_err(|e| {
+        Failure::new(format!(
+            "could not write {}: {e}",
+            skipped_path(script_path)
+        ))
+    })
+}
+
 /// Where an ApplyScript job lists the statements it left out, one event
 /// line each.
 pub fn skipped_path(script_path: &str) -> String {
@@ -276,6 +300,9 @@ pub fn skipped_path(script_path: &str) -> String {
 /// COPY takes its rows frozen (see `into_table::copy_into`). A table that is
 /// not empty otherwise keeps its rows: code of the migrated schema that ran
 /// here (an index expression of another table writing into it) put them.
+/// `indexes` (a small table's own index script and the role it runs for)
+/// runs in the same transaction, after the rows: what it left out is
+/// returned.
 fn copy_table(
     index: usize,
     connection: &mut Connection,
@@ -283,7 +310,8 @@ fn copy_table(
     table: &str,
     listed: Option<Vec<String>>,
     truncate_first: bool,
-) -> Result<(), Failure> {
+    indexes: Option<(&[script::Step], pg_sys::Oid)>,
+) -> Result<Vec<execute::Skipped>, Failure> {
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
     let columns: Vec<String> = match listed {
         Some(columns) => columns,
@@ -344,10 +372,15 @@ fn copy_table(
         let stats = into_table::copy_into(schema, table, &columns, true, &mut next, &mut progress);
         // The source's own count ("COPY n") is exact; ours counts lines.
         let rows = copy.rows().unwrap_or(stats.rows);
-        let mut slots = JOBS.exclusive();
-        slots[index].rows = rows;
-        slots[index].bytes = stats.bytes;
-        Ok(())
+        {
+            let mut slots = JOBS.exclusive();
+            slots[index].rows = rows;
+            slots[index].bytes = stats.bytes;
+        }
+        Ok(match indexes {
+            Some((steps, caller)) => execute::steps_as_owners(steps, caller),
+            None => Vec::new(),
+        })
     });
     copied.map_err(|failure| match lost.into_inner() {
         Some(source) if source.transient => source,

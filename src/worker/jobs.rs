@@ -24,6 +24,8 @@ pub struct Job {
     pub table: String,
     pub snapshot: String,
     pub path: String,
+    /// See `JobSlot::script`.
+    pub script: String,
     pub truncate_first: bool,
     pub resuming: bool,
     pub checksums: bool,
@@ -197,6 +199,7 @@ fn dispatch(
                         slot.table.set(&job.table);
                         slot.snapshot.set(&job.snapshot);
                         slot.path.set(&job.path);
+                        slot.script.set(&job.script);
                         slot.truncate_first = job.truncate_first;
                         slot.resuming = job.resuming;
                         slot.checksums = job.checksums;

@@ -793,12 +793,15 @@ impl Runner {
         self.task.started_by.unwrap_or(pg_sys::InvalidOid)
     }
 
-    /// Records as warning events what an ApplyScript job left out.
+    /// Records as warning events what an ApplyScript job (or a CopyTable
+    /// job's index script) left out.
     fn record_skipped_statements(&self, datname: &str, job: &Job) -> Result<(), Failure> {
-        if !matches!(job.kind, JobKind::ApplyScript | JobKind::TableIndexes) {
-            return Ok(());
-        }
-        let path = super::database::skipped_path(&job.path);
+        let script = match job.kind {
+            JobKind::ApplyScript | JobKind::TableIndexes => &job.path,
+            JobKind::CopyTable if !job.script.is_empty() => &job.script,
+            _ => return Ok(()),
+        };
+        let path = super::database::skipped_path(script);
         let lines = match std::fs::read_to_string(&path) {
             Ok(lines) => lines,
             Err(e) => return Err(Failure::new(format!("could not read {path}: {e}"))),
@@ -933,6 +936,11 @@ impl Runner {
             // Each table's own indexes and constraints, built right after its
             // rows by the worker that copied it; the rest waits for post-data.
             let index_scripts = self.post_data_scripts(ordinal, &datname, &snapshot)?;
+            let small: HashSet<(String, String)> = planned
+                .iter()
+                .filter(|t| t.bytes_total <= SMALL_TABLE_BYTES)
+                .map(|t| (t.schema_name.clone(), t.table_name.clone()))
+                .collect();
             let mut by_name: HashMap<(String, String), TableCopy> = HashMap::new();
             let mut queue = Vec::new();
             for table in tables {
@@ -941,14 +949,26 @@ impl Runner {
                     // Its rows committed, its indexes may have (see JobSlot::resuming).
                     queue.extend(index_job(&index_scripts, &name, true, self.caller()));
                 } else {
+                    // An interrupted copy, or an extension's defaults to replace.
+                    let truncate_first = table.state == "copying" || table.extension_config;
+                    // A small table's indexes in its copy's transaction: one
+                    // job and one commit fewer (see SMALL_TABLE_BYTES). Not
+                    // on a copy done again: the attempt that died may have
+                    // committed both, and its indexes' job then knows to
+                    // accept that they exist (see JobSlot::resuming).
+                    let script = match index_scripts.get(&name) {
+                        Some(path) if !truncate_first && small.contains(&name) => path.clone(),
+                        _ => String::new(),
+                    };
                     queue.push(Job {
                         kind: JobKind::CopyTable,
                         schema: table.schema_name.clone(),
                         table: table.table_name.clone(),
                         snapshot: snapshot.clone(),
                         path: columns_path.clone(),
-                        // An interrupted copy, or an extension's defaults to replace.
-                        truncate_first: table.state == "copying" || table.extension_config,
+                        script,
+                        truncate_first,
+                        caller: self.caller(),
                         ..Job::default()
                     });
                 }
@@ -988,10 +1008,20 @@ impl Runner {
                         let to_catalog = |e: pgrx::spi::Error| Failure::new(e.to_string());
                         tasks::mark_copied(task_id, table, result.rows as i64, result.bytes as i64)
                             .map_err(to_catalog)?;
+                        if !job.script.is_empty() {
+                            // Built in the copy's own transaction.
+                            tables_indexed.set(tables_indexed.get() + 1);
+                            self.record_skipped_statements(&datname, job)?;
+                            tasks::mark_table_indexed(task_id, table).map_err(to_catalog)?;
+                            return Ok(Vec::new());
+                        }
                         let name = (job.schema.clone(), job.table.clone());
-                        let next: Vec<Job> = index_job(&index_scripts, &name, false, caller)
-                            .into_iter()
-                            .collect();
+                        // A copy done again: the attempt that died may have
+                        // built its indexes in the copy's transaction.
+                        let next: Vec<Job> =
+                            index_job(&index_scripts, &name, job.truncate_first, caller)
+                                .into_iter()
+                                .collect();
                         if next.is_empty() {
                             tasks::mark_table_indexed(task_id, table).map_err(to_catalog)?;
                         }
@@ -1247,6 +1277,15 @@ impl Runner {
         Ok(())
     }
 }
+
+/// Tables up to this size (`pg_table_size` when planned) have their own
+/// indexes and constraints built in the transaction that copies their rows,
+/// by the same job: for such a table the copy takes about as long as the
+/// fixed cost of a job of its own (handing it out, a synchronous commit
+/// here and one of its progress row), which dominated a copy of many small
+/// tables. Larger tables keep a job for their indexes, so a crash during
+/// a long index build does not undo the rows.
+const SMALL_TABLE_BYTES: i64 = 1 << 20;
 
 /// The job that builds the indexes and constraints of table `name` alone,
 /// if it has any (see `script::split_post_data`).

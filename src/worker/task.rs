@@ -378,13 +378,15 @@ impl Runner {
             &self.work_dir,
             txn::interrupt_check,
         )
-        .map_err(|e| {
-            let mut failure = Failure::new(e.to_string());
-            // The post-data dump runs while the copy does: a source restarting
-            // then is an outage like any other, not the end of the task.
-            failure.transient = e.source_unavailable() || self.source_unreachable(dbname);
-            Stop::Failed(failure)
-        })
+        .map_err(|e| self.dump_failure(e, dbname))
+    }
+
+    /// A failed pg_dump or pg_dumpall against `dbname`: a source restarting
+    /// then is an outage like any other, not the end of the task.
+    fn dump_failure(&self, error: crate::schema::SchemaError, dbname: &str) -> Stop {
+        let mut failure = Failure::new(error.to_string());
+        failure.transient = error.source_unavailable() || self.source_unreachable(dbname);
+        Stop::Failed(failure)
     }
 
     /// Whether the source cannot be reached now, classified as for our own
@@ -826,82 +828,107 @@ impl Runner {
                     .collect::<Result<HashSet<String>, _>>()
             })
         })?;
-        for (ordinal, database) in self.databases()?.into_iter().enumerate() {
-            self.check()?;
-            if !matches!(database.state.as_str(), "pending" | "created") {
-                continue;
+        let todo: Vec<(usize, TaskDatabase)> = self
+            .databases()?
+            .into_iter()
+            .enumerate()
+            .filter(|(_, database)| matches!(database.state.as_str(), "pending" | "created"))
+            .collect();
+        // A few databases at a time: their snapshots taken, then their
+        // schemas dumped all at once (see `dump_schemas`), then applied one
+        // after the other.
+        for group in todo.chunks(SCHEMA_DUMPS_AT_ONCE) {
+            let mut dumps = Vec::new();
+            for (ordinal, database) in group {
+                self.check()?;
+                self.take_snapshot(database, None)?;
+                let (snapshot, _) = self.snapshot_of(&database.datname).unwrap_or_default();
+                dumps.push((*ordinal, database.datname.clone(), snapshot));
             }
-            let datname = database.datname.clone();
-            self.take_snapshot(&database, None)?;
-            let (snapshot, lsn) = self.snapshot_of(&datname).unwrap_or_default();
-            // One schema dump per database, at the snapshot; pre-data now
-            // and post-data later are cut from it here (see `dump_schema`).
-            let archive = self.dump_schema(ordinal, &datname, &snapshot)?;
-            let dump = self.restore_section(&archive, "pre-data", &datname)?;
-            let split = script::split(&dump).map_err(|e| {
-                Stop::Failed(Failure::with_hint(
-                    format!("pre-data schema dump of {datname} refused: {e}"),
-                    e.hint(),
-                ))
-            })?;
-            if database.state == "pending" {
-                for statement in script::database_statements(&split.before_connect) {
-                    let creates = statement
-                        .to_ascii_uppercase()
-                        .starts_with("CREATE DATABASE");
-                    if creates && local.contains(&datname) {
-                        continue; // postgres, or the control database: migrate into it
-                    }
-                    txn::run(|| {
-                        if creates {
-                            execute::toplevel_utility(&statement);
-                            Ok(())
-                        } else {
-                            execute::run_utf8(&statement).map_err(|e| Failure::new(e.to_string()))
-                        }
-                    })?;
-                }
-                // Created by the bootstrap superuser (creating a database
-                // from template0 runs no code of the source), then given to
-                // its owner, as pg_dump's ALTER DATABASE ... OWNER TO would.
-                if let Some(owner) = script::database_owner(&split.before_connect) {
-                    let statement = format!(
-                        "ALTER DATABASE {} OWNER TO {}",
-                        quote_ident(&datname),
-                        quote_ident(&owner)
-                    );
-                    txn::run(|| {
-                        execute::run_utf8(&statement).map_err(|e| Failure::new(e.to_string()))
-                    })?;
-                }
-                self.set_database_state(&datname, "created", Some(&lsn))?;
+            let archives = self.dump_schemas(&dumps)?;
+            for ((ordinal, database), archive) in group.iter().zip(archives) {
+                self.check()?;
+                self.apply_database_pre_data(*ordinal, database, &archive, &local)?;
             }
-            let path = self.write_script(
-                &format!("pre-data-{ordinal}.sql"),
-                &split.after_connect,
-                "pre-data",
-                &datname,
-            )?;
-            let job = Job {
-                kind: JobKind::ApplyScript,
-                resuming: self.resumed,
-                path,
-                caller: self.caller(),
-                ..Job::default()
-            };
-            self.run_jobs(&datname, vec![job], 1, &mut |_| Ok(()), &mut |job, _| {
-                self.record_skipped_statements(&datname, job)
-            })?;
-            self.set_database_state(&datname, "schema_applied", Some(&lsn))?;
-            self.event(
-                Some(&datname),
-                "info",
-                &format!(
-                    "schema created; slot {} starts at {lsn}",
-                    database.slot_name
-                ),
-            )?;
         }
+        Ok(())
+    }
+
+    /// Creates database `database` here if it is not yet, and applies the
+    /// pre-data section of its schema dump `archive` inside it.
+    fn apply_database_pre_data(
+        &mut self,
+        ordinal: usize,
+        database: &TaskDatabase,
+        archive: &std::path::Path,
+        local: &HashSet<String>,
+    ) -> Result<(), Stop> {
+        let datname = database.datname.clone();
+        let (_, lsn) = self.snapshot_of(&datname).unwrap_or_default();
+        let dump = self.restore_section(archive, "pre-data", &datname)?;
+        let split = script::split(&dump).map_err(|e| {
+            Stop::Failed(Failure::with_hint(
+                format!("pre-data schema dump of {datname} refused: {e}"),
+                e.hint(),
+            ))
+        })?;
+        if database.state == "pending" {
+            for statement in script::database_statements(&split.before_connect) {
+                let creates = statement
+                    .to_ascii_uppercase()
+                    .starts_with("CREATE DATABASE");
+                if creates && local.contains(&datname) {
+                    continue; // postgres, or the control database: migrate into it
+                }
+                txn::run(|| {
+                    if creates {
+                        execute::toplevel_utility(&statement);
+                        Ok(())
+                    } else {
+                        execute::run_utf8(&statement).map_err(|e| Failure::new(e.to_string()))
+                    }
+                })?;
+            }
+            // Created by the bootstrap superuser (creating a database
+            // from template0 runs no code of the source), then given to
+            // its owner, as pg_dump's ALTER DATABASE ... OWNER TO would.
+            if let Some(owner) = script::database_owner(&split.before_connect) {
+                let statement = format!(
+                    "ALTER DATABASE {} OWNER TO {}",
+                    quote_ident(&datname),
+                    quote_ident(&owner)
+                );
+                txn::run(|| {
+                    execute::run_utf8(&statement).map_err(|e| Failure::new(e.to_string()))
+                })?;
+            }
+            self.set_database_state(&datname, "created", Some(&lsn))?;
+        }
+        let path = self.write_script(
+            &format!("pre-data-{ordinal}.sql"),
+            &split.after_connect,
+            "pre-data",
+            &datname,
+        )?;
+        let job = Job {
+            kind: JobKind::ApplyScript,
+            resuming: self.resumed,
+            path,
+            caller: self.caller(),
+            ..Job::default()
+        };
+        self.run_jobs(&datname, vec![job], 1, &mut |_| Ok(()), &mut |job, _| {
+            self.record_skipped_statements(&datname, job)
+        })?;
+        self.set_database_state(&datname, "schema_applied", Some(&lsn))?;
+        self.event(
+            Some(&datname),
+            "info",
+            &format!(
+                "schema created; slot {} starts at {lsn}",
+                database.slot_name
+            ),
+        )?;
         Ok(())
     }
 
@@ -1108,33 +1135,65 @@ impl Runner {
     /// Dumps the whole schema of `datname` at `snapshot` (none: now) once,
     /// in pg_dump's custom format, to the task's work dir: one pg_dump run
     /// per database, where a dump per section ran it twice, and over a
-    /// distant link each run costs a round trip per table it locks. Written
-    /// under a temporary name first, so a run cut short never passes for a
-    /// whole dump.
+    /// distant link each run costs a round trip per table it locks.
     fn dump_schema(&self, ordinal: usize, datname: &str, snapshot: &str) -> Result<PathBuf, Stop> {
-        let archive = self.schema_archive(ordinal);
-        let partial = archive.with_extension("dump.partial");
-        let mut args = vec![
-            "--schema-only".to_string(),
-            "--format=custom".to_string(),
-            // Small, and read back at once: not worth the CPU.
-            "--compress=0".to_string(),
-            "--no-publications".to_string(),
-            "--no-subscriptions".to_string(),
-            format!("--file={}", partial.display()),
-        ];
-        if !snapshot.is_empty() {
-            args.push(format!("--snapshot={snapshot}"));
+        let mut archives =
+            self.dump_schemas(&[(ordinal, datname.to_string(), snapshot.to_string())])?;
+        archives
+            .pop()
+            .ok_or_else(|| Stop::Failed(Failure::new("no schema dump")))
+    }
+
+    /// As [`Self::dump_schema`] for several databases (ordinal, name,
+    /// snapshot) at once: their pg_dump runs overlap their round trips.
+    /// Each is written under a temporary name first, so a run cut short
+    /// never passes for a whole dump. The archives come in the same order.
+    fn dump_schemas(&self, databases: &[(usize, String, String)]) -> Result<Vec<PathBuf>, Stop> {
+        let mut args: Vec<Vec<String>> = Vec::new();
+        let mut files = Vec::new();
+        for (ordinal, _, snapshot) in databases {
+            let archive = self.schema_archive(*ordinal);
+            let partial = archive.with_extension("dump.partial");
+            let mut these = vec![
+                "--schema-only".to_string(),
+                "--format=custom".to_string(),
+                // Small, and read back at once: not worth the CPU.
+                "--compress=0".to_string(),
+                "--no-publications".to_string(),
+                "--no-subscriptions".to_string(),
+                format!("--file={}", partial.display()),
+            ];
+            if !snapshot.is_empty() {
+                these.push(format!("--snapshot={snapshot}"));
+            }
+            args.push(these);
+            files.push((partial, archive));
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.dump("pg_dump", &args, datname)?;
-        std::fs::rename(&partial, &archive).map_err(|e| {
-            Stop::Failed(Failure::new(format!(
-                "could not rename {}: {e}",
-                partial.display()
-            )))
-        })?;
-        Ok(archive)
+        let args: Vec<Vec<&str>> = args
+            .iter()
+            .map(|these| these.iter().map(String::as_str).collect())
+            .collect();
+        let runs: Vec<dump::Invocation<'_>> = databases
+            .iter()
+            .zip(&args)
+            .map(|((_, datname, _), these)| ("pg_dump", these.as_slice(), datname.as_str()))
+            .collect();
+        let results = dump::run_all(&runs, &self.info, &self.work_dir, txn::interrupt_check)
+            .map_err(|e| self.dump_failure(e, &databases[0].1))?;
+        let mut archives = Vec::new();
+        for ((result, (_, datname, _)), (partial, archive)) in
+            results.into_iter().zip(databases).zip(files)
+        {
+            result.map_err(|e| self.dump_failure(e, datname))?;
+            std::fs::rename(&partial, &archive).map_err(|e| {
+                Stop::Failed(Failure::new(format!(
+                    "could not rename {}: {e}",
+                    partial.display()
+                )))
+            })?;
+            archives.push(archive);
+        }
+        Ok(archives)
     }
 
     /// The script of one section of a schema archive, as pg_dump would have
@@ -1277,6 +1336,10 @@ impl Runner {
         Ok(())
     }
 }
+
+/// Databases whose schemas are dumped at the same time (one pg_dump, so one
+/// source connection, each).
+const SCHEMA_DUMPS_AT_ONCE: usize = 4;
 
 /// Tables up to this size (`pg_table_size` when planned) have their own
 /// indexes and constraints built in the transaction that copies their rows,

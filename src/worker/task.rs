@@ -837,7 +837,10 @@ impl Runner {
         // A few databases at a time: their snapshots taken, then their
         // schemas dumped all at once (see `dump_schemas`), then applied one
         // after the other.
-        for group in todo.chunks(SCHEMA_DUMPS_AT_ONCE) {
+        // No more dumps at once than the copy workers that come after them
+        // plus one: the source connections the assessment checked for.
+        let at_once = (self.copy_workers + 1).clamp(1, SCHEMA_DUMPS_AT_ONCE);
+        for group in todo.chunks(at_once) {
             let mut dumps = Vec::new();
             for (ordinal, database) in group {
                 self.check()?;
@@ -1337,8 +1340,8 @@ impl Runner {
     }
 }
 
-/// Databases whose schemas are dumped at the same time (one pg_dump, so one
-/// source connection, each).
+/// Databases whose schemas are dumped at the same time at most (one pg_dump,
+/// so one source connection, each; fewer with fewer copy workers).
 const SCHEMA_DUMPS_AT_ONCE: usize = 4;
 
 /// Tables up to this size (`pg_table_size` when planned) have their own

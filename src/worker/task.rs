@@ -31,7 +31,8 @@
 //! script is one transaction: all there, or none).
 //!
 //! Table states: pending -> copying -> copied -> indexed (a table with no
-//! index or constraint of its own goes from copying to indexed at once).
+//! index or constraint of its own, or a small one whose indexes are built in
+//! its copy's transaction, goes from copying to indexed at once).
 
 use super::jobs::{self, Job, JobResult, Stop};
 use super::outage::Outage;

@@ -91,7 +91,7 @@ fn destination_kill9_of_a_worker_in_each_phase() {
         } else {
             "cloudmig apply"
         };
-        // The copy phase starts with the post-data dump; its workers come after.
+        // The copy phase starts with planning and the post-data scripts; its workers come after.
         poll_until(
             &s.dest,
             "postgres",

@@ -464,7 +464,9 @@ fn a_destination_crash_mid_copy_resumes_without_duplicates() {
 
 /// Eight tables each with a key and an index whose expression sleeps a millisecond a row, so
 /// that building one table's indexes lasts long enough to be caught by `poll_until`; a foreign key
-/// between two of them (post-data proper, built once every table is in).
+/// between two of them (post-data proper, built once every table is in). Their rows are padded
+/// to over 1 MiB a table: a smaller table has its indexes built in its copy's own transaction,
+/// with nothing between its rows and its indexes to catch.
 const SLOW_INDEX_SQL: &str = "
     CREATE FUNCTION public.slow_key(n int) RETURNS int LANGUAGE plpgsql IMMUTABLE
         AS $$ BEGIN PERFORM pg_catalog.pg_sleep(0.001); RETURN n; END $$;
@@ -472,8 +474,9 @@ const SLOW_INDEX_SQL: &str = "
     BEGIN
         FOR i IN 1..8 LOOP
             EXECUTE format('CREATE TABLE public.slow_%s (id int PRIMARY KEY, v int,
-                                CHECK (v >= 0))', i);
-            EXECUTE format('INSERT INTO public.slow_%s SELECT g, g FROM generate_series(1, 1500) g', i);
+                                CHECK (v >= 0), pad text)', i);
+            EXECUTE format('INSERT INTO public.slow_%s
+                            SELECT g, g, repeat(''x'', 800) FROM generate_series(1, 1500) g', i);
             EXECUTE format('CREATE INDEX slow_%s_v ON public.slow_%s (public.slow_key(v))', i, i);
             EXECUTE format('ALTER TABLE public.slow_%s ADD CONSTRAINT slow_%s_positive
                                 CHECK (id > 0) NOT VALID', i, i);

@@ -10,12 +10,48 @@ use crate::schema::{execute, script};
 use crate::source::{quote_ident, quote_literal, ConnInfo, ConnectOptions, Connection};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// A source session inside a snapshot, kept across jobs that share it.
 struct Session {
     snapshot: String,
     connection: Connection,
+}
+
+/// The column lists of a database's tables (see `crate::copy::TableColumns`),
+/// read once from the file the task worker wrote with its plan.
+type ColumnLists = HashMap<(String, String), Vec<String>>;
+
+/// The last column file read, by path.
+#[derive(Default)]
+struct ColumnCache(Option<(String, ColumnLists)>);
+
+impl ColumnCache {
+    /// The columns of `schema.table` per the file at `path`; None when the
+    /// file does not list it (or there is none), and the source is asked.
+    fn get(
+        &mut self,
+        path: &str,
+        schema: &str,
+        table: &str,
+    ) -> Result<Option<Vec<String>>, Failure> {
+        if path.is_empty() {
+            return Ok(None);
+        }
+        if self.0.as_ref().is_none_or(|(cached, _)| cached != path) {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
+            let lists = crate::copy::parse_columns(&text)
+                .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
+            self.0 = Some((path.to_string(), lists));
+        }
+        Ok(self
+            .0
+            .as_ref()
+            .and_then(|(_, lists)| lists.get(&(schema.to_string(), table.to_string())))
+            .cloned())
+    }
 }
 
 #[pg_guard]
@@ -34,6 +70,7 @@ pub extern "C-unwind" fn cloudmig_database_main(arg: pg_sys::Datum) {
     let my_pid = unsafe { pg_sys::MyProcPid };
     JOBS.exclusive()[index].worker_pid = my_pid;
     let mut session: Option<Session> = None;
+    let mut columns = ColumnCache::default();
     while !txn::shutdown_requested() {
         let job = {
             let mut slots = JOBS.exclusive();
@@ -52,7 +89,7 @@ pub extern "C-unwind" fn cloudmig_database_main(arg: pg_sys::Datum) {
             txn::nap(Duration::from_millis(100));
             continue;
         };
-        let result = run_job(index, &database, &job, &mut session);
+        let result = run_job(index, &database, &job, &mut session, &mut columns);
         let task_pid = {
             let mut slots = JOBS.exclusive();
             let slot = &mut slots[index];
@@ -104,9 +141,10 @@ fn open_session(database: &str, snapshot: &str) -> Result<Session, Failure> {
         ]
         .map(str::to_string),
     );
-    for statement in setup {
-        connection.execute(&statement).map_err(source_failure)?;
-    }
+    // One exchange for all of it: over a distant link each costs a round trip.
+    connection
+        .execute(&setup.join("; "))
+        .map_err(source_failure)?;
     Ok(Session {
         snapshot: snapshot.to_string(),
         connection,
@@ -146,6 +184,7 @@ fn run_job(
     database: &str,
     job: &shared::JobSlot,
     session: &mut Option<Session>,
+    columns: &mut ColumnCache,
 ) -> Result<(), Failure> {
     let snapshot = job.snapshot.get();
     match job.kind {
@@ -164,20 +203,35 @@ fn run_job(
                 }
                 other => other?,
             };
-            // For the task worker's events (this worker cannot reach the catalog).
-            let lines: String = skipped.iter().map(|s| s.message() + "\n").collect();
-            std::fs::write(skipped_path(&path), lines)
-                .map_err(|e| Failure::new(format!("could not write {}: {e}", skipped_path(&path))))
+            write_skipped(&path, &skipped)
         }
         JobKind::CopyTable => {
+            let (schema, table) = (job.schema.get(), job.table.get());
+            let listed = columns.get(&job.path.get(), &schema, &table)?;
             let connection = session_for(session, database, &snapshot)?;
-            copy_table(
+            let script = job.script.get();
+            let indexes = if script.is_empty() {
+                None
+            } else {
+                let sql = std::fs::read_to_string(&script)
+                    .map_err(|e| Failure::new(format!("could not read {script}: {e}")))?;
+                Some(script::steps(&sql).map_err(|e| {
+                    Failure::with_hint(format!("schema script refused: {e}"), e.hint())
+                })?)
+            };
+            let skipped = copy_table(
                 index,
                 connection,
-                &job.schema.get(),
-                &job.table.get(),
+                &schema,
+                &table,
+                listed,
                 job.truncate_first,
-            )
+                indexes.as_deref().map(|steps| (steps, job.caller)),
+            )?;
+            if !script.is_empty() {
+                write_skipped(&script, &skipped)?;
+            }
+            Ok(())
         }
         JobKind::CopySequences => {
             let connection = session_for(session, database, &snapshot)?;
@@ -221,6 +275,18 @@ fn run_job(
     }
 }
 
+/// Lists what applying the script at `script_path` left out, for the task
+/// worker's events (this worker cannot reach the catalog).
+fn write_skipped(script_path: &str, skipped: &[execute::Skipped]) -> Result<(), Failure> {
+    let lines: String = skipped.iter().map(|s| s.message() + "\n").collect();
+    std::fs::write(skipped_path(script_path), lines).map_err(|e| {
+        Failure::new(format!(
+            "could not write {}: {e}",
+            skipped_path(script_path)
+        ))
+    })
+}
+
 /// Where an ApplyScript job lists the statements it left out, one event
 /// line each.
 pub fn skipped_path(script_path: &str) -> String {
@@ -234,25 +300,34 @@ pub fn skipped_path(script_path: &str) -> String {
 /// COPY takes its rows frozen (see `into_table::copy_into`). A table that is
 /// not empty otherwise keeps its rows: code of the migrated schema that ran
 /// here (an index expression of another table writing into it) put them.
+/// `indexes` (a small table's own index script and the role it runs for)
+/// runs in the same transaction, after the rows: what it left out is
+/// returned.
 fn copy_table(
     index: usize,
     connection: &mut Connection,
     schema: &str,
     table: &str,
+    listed: Option<Vec<String>>,
     truncate_first: bool,
-) -> Result<(), Failure> {
+    indexes: Option<(&[script::Step], pg_sys::Oid)>,
+) -> Result<Vec<execute::Skipped>, Failure> {
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
-    let columns: Vec<String> = connection
-        .simple_query(&format!(
-            "SELECT attname FROM pg_catalog.pg_attribute \
-              WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped \
-                AND attgenerated = '' ORDER BY attnum",
-            quote_literal(&qualified)
-        ))
-        .map_err(source_failure)?
-        .iter()
-        .filter_map(|row| row.get("attname").map(str::to_string))
-        .collect();
+    let columns: Vec<String> = match listed {
+        Some(columns) => columns,
+        // Not in the plan's list: asked here, in the session's snapshot.
+        None => connection
+            .simple_query(&format!(
+                "SELECT attname FROM pg_catalog.pg_attribute \
+                  WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped \
+                    AND attgenerated = '' ORDER BY attnum",
+                quote_literal(&qualified)
+            ))
+            .map_err(source_failure)?
+            .iter()
+            .filter_map(|row| row.get("attname").map(str::to_string))
+            .collect(),
+    };
     let column_list = if columns.is_empty() {
         String::new()
     } else {
@@ -297,10 +372,15 @@ fn copy_table(
         let stats = into_table::copy_into(schema, table, &columns, true, &mut next, &mut progress);
         // The source's own count ("COPY n") is exact; ours counts lines.
         let rows = copy.rows().unwrap_or(stats.rows);
-        let mut slots = JOBS.exclusive();
-        slots[index].rows = rows;
-        slots[index].bytes = stats.bytes;
-        Ok(())
+        {
+            let mut slots = JOBS.exclusive();
+            slots[index].rows = rows;
+            slots[index].bytes = stats.bytes;
+        }
+        Ok(match indexes {
+            Some((steps, caller)) => execute::steps_as_owners(steps, caller),
+            None => Vec::new(),
+        })
     });
     copied.map_err(|failure| match lost.into_inner() {
         Some(source) if source.transient => source,

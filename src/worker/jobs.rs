@@ -24,6 +24,8 @@ pub struct Job {
     pub table: String,
     pub snapshot: String,
     pub path: String,
+    /// See `JobSlot::script`.
+    pub script: String,
     pub truncate_first: bool,
     pub resuming: bool,
     pub checksums: bool,
@@ -188,7 +190,7 @@ fn dispatch(
             // waiting for the next one would leave the slot idle a whole nap.
             if free && running[index].is_none() {
                 if let Some(job) = queue.pop_front() {
-                    txn::run(|| on_assign(&job))?;
+                    assign_transaction(|| on_assign(&job))?;
                     let pid = {
                         let mut slots = JOBS.exclusive();
                         let slot = &mut slots[index];
@@ -197,6 +199,7 @@ fn dispatch(
                         slot.table.set(&job.table);
                         slot.snapshot.set(&job.snapshot);
                         slot.path.set(&job.path);
+                        slot.script.set(&job.script);
                         slot.truncate_first = job.truncate_first;
                         slot.resuming = job.resuming;
                         slot.checksums = job.checksums;
@@ -235,6 +238,25 @@ fn dispatch(
         // late a crashed database worker or a cancel is noticed.
         txn::nap(Duration::from_millis(500));
     }
+}
+
+/// Runs what is recorded before a job is handed out (a table's `copying`
+/// mark, when its indexes started) in a transaction that commits without
+/// waiting for its WAL to reach disk: with many small tables the task
+/// worker's synchronous flushes were what the copy waited for. Nothing that
+/// matters can be lost. The job's own work commits later, synchronously, on
+/// its database worker, and that flush covers all WAL written before it,
+/// this commit's included: so if a crash loses this mark, the job had
+/// committed nothing, and a table still `pending` on resume is empty here and
+/// copied afresh. The marks after a job (`copied`, `indexed`) stay
+/// synchronous: nothing would flush them before a crash, and a lost `copied`
+/// mark would copy a table twice.
+fn assign_transaction(body: impl FnOnce() -> Result<(), Failure>) -> Result<(), Failure> {
+    txn::run(|| {
+        pgrx::Spi::run("SET LOCAL synchronous_commit = off")
+            .map_err(|e| Failure::new(e.to_string()))?;
+        body()
+    })
 }
 
 /// What a job does, for error messages.

@@ -229,7 +229,10 @@ pub enum JobKind {
     None = 0,
     /// Run the SQL script in `path` (pg_dump pre-data or post-data output).
     ApplyScript = 1,
-    /// Copy table `schema`.`table` from the source at `snapshot`.
+    /// Copy table `schema`.`table` from the source at `snapshot` (the
+    /// columns listed in `path`), then, in the same transaction, run the
+    /// script in `script` if any: a small table's own indexes and
+    /// constraints.
     CopyTable = 2,
     /// Set every sequence to its value at `snapshot`.
     CopySequences = 3,
@@ -261,6 +264,9 @@ pub struct JobSlot {
     pub table: FixedText<64>,
     pub snapshot: FixedText<64>,
     pub path: FixedText<512>,
+    /// CopyTable: the table's own index script, run in the copy's
+    /// transaction (empty: none, or built by a TableIndexes job later).
+    pub script: FixedText<512>,
     /// Empty the table before copying (an interrupted earlier copy, an
     /// extension's defaults).
     pub truncate_first: bool,

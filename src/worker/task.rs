@@ -4,12 +4,14 @@
 //! Per phase, for every source database:
 //! * `roles`: `pg_dumpall --roles-only`, roles that exist here left alone;
 //! * `schema`: a permanent logical slot (pgoutput) created on a replication
-//!   connection that exports a snapshot and stays open; `pg_dump --create
-//!   --section=pre-data --snapshot`; the database created here (top level) and
-//!   the rest applied inside it by a database worker;
+//!   connection that exports a snapshot and stays open; one `pg_dump
+//!   --schema-only --format=custom --snapshot` to the work dir, its pre-data
+//!   section printed here by `pg_restore --create --section=pre-data`; the
+//!   database created here (top level) and the rest applied inside it by a
+//!   database worker;
 //! * `full_copy`: the tables planned from the source at the snapshot, copied
 //!   by up to `copy_workers` database workers, largest first, each table's
-//!   own indexes and constraints (its part of pg_dump's post-data) built by
+//!   own indexes and constraints (its part of the same dump's post-data) built by
 //!   the worker that copied it right after its rows, as `pg_restore -j` does;
 //!   then sequences and large objects at the same snapshot;
 //! * `post_data`: the rest of post-data (foreign keys, triggers, rules,
@@ -29,7 +31,8 @@
 //! script is one transaction: all there, or none).
 //!
 //! Table states: pending -> copying -> copied -> indexed (a table with no
-//! index or constraint of its own goes from copying to indexed at once).
+//! index or constraint of its own, or a small one whose indexes are built in
+//! its copy's transaction, goes from copying to indexed at once).
 
 use super::jobs::{self, Job, JobResult, Stop};
 use super::outage::Outage;
@@ -38,7 +41,7 @@ use super::slot_watch::SlotWatch;
 use super::txn::{self, Failure};
 use crate::catalog::secrets;
 use crate::catalog::tasks::{self, Phase, PlannedTable, TableCopy, Task, TaskDatabase};
-use crate::copy::SOURCE_TABLES_SQL;
+use crate::copy::{format_columns, TableColumns, SOURCE_TABLES_SQL};
 use crate::schema::{dump, execute, roles, script};
 use crate::source::{
     quote_ident, quote_literal, ConnInfo, ConnectOptions, Connection, CreatedSlot, SourceError,
@@ -376,13 +379,15 @@ impl Runner {
             &self.work_dir,
             txn::interrupt_check,
         )
-        .map_err(|e| {
-            let mut failure = Failure::new(e.to_string());
-            // The post-data dump runs while the copy does: a source restarting
-            // then is an outage like any other, not the end of the task.
-            failure.transient = e.source_unavailable() || self.source_unreachable(dbname);
-            Stop::Failed(failure)
-        })
+        .map_err(|e| self.dump_failure(e, dbname))
+    }
+
+    /// A failed pg_dump or pg_dumpall against `dbname`: a source restarting
+    /// then is an outage like any other, not the end of the task.
+    fn dump_failure(&self, error: crate::schema::SchemaError, dbname: &str) -> Stop {
+        let mut failure = Failure::new(error.to_string());
+        failure.transient = error.source_unavailable() || self.source_unreachable(dbname);
+        Stop::Failed(failure)
     }
 
     /// Whether the source cannot be reached now, classified as for our own
@@ -791,12 +796,15 @@ impl Runner {
         self.task.started_by.unwrap_or(pg_sys::InvalidOid)
     }
 
-    /// Records as warning events what an ApplyScript job left out.
+    /// Records as warning events what an ApplyScript job (or a CopyTable
+    /// job's index script) left out.
     fn record_skipped_statements(&self, datname: &str, job: &Job) -> Result<(), Failure> {
-        if !matches!(job.kind, JobKind::ApplyScript | JobKind::TableIndexes) {
-            return Ok(());
-        }
-        let path = super::database::skipped_path(&job.path);
+        let script = match job.kind {
+            JobKind::ApplyScript | JobKind::TableIndexes => &job.path,
+            JobKind::CopyTable if !job.script.is_empty() => &job.script,
+            _ => return Ok(()),
+        };
+        let path = super::database::skipped_path(script);
         let lines = match std::fs::read_to_string(&path) {
             Ok(lines) => lines,
             Err(e) => return Err(Failure::new(format!("could not read {path}: {e}"))),
@@ -821,93 +829,110 @@ impl Runner {
                     .collect::<Result<HashSet<String>, _>>()
             })
         })?;
-        for (ordinal, database) in self.databases()?.into_iter().enumerate() {
-            self.check()?;
-            if !matches!(database.state.as_str(), "pending" | "created") {
-                continue;
+        let todo: Vec<(usize, TaskDatabase)> = self
+            .databases()?
+            .into_iter()
+            .enumerate()
+            .filter(|(_, database)| matches!(database.state.as_str(), "pending" | "created"))
+            .collect();
+        // A few databases at a time: their snapshots taken, then their
+        // schemas dumped all at once (see `dump_schemas`), then applied one
+        // after the other.
+        // No more dumps at once than the copy workers that come after them
+        // plus one: the source connections the assessment checked for.
+        let at_once = (self.copy_workers + 1).clamp(1, SCHEMA_DUMPS_AT_ONCE);
+        for group in todo.chunks(at_once) {
+            let mut dumps = Vec::new();
+            for (ordinal, database) in group {
+                self.check()?;
+                self.take_snapshot(database, None)?;
+                let (snapshot, _) = self.snapshot_of(&database.datname).unwrap_or_default();
+                dumps.push((*ordinal, database.datname.clone(), snapshot));
             }
-            let datname = database.datname.clone();
-            self.take_snapshot(&database, None)?;
-            let (snapshot, lsn) = self.snapshot_of(&datname).unwrap_or_default();
-            let dump = self.dump(
-                "pg_dump",
-                &[
-                    "--schema-only",
-                    "--section=pre-data",
-                    "--create",
-                    // Each object's statements preceded by its owner, run
-                    // as that owner (see schema::execute).
-                    "--use-set-session-authorization",
-                    "--no-publications",
-                    "--no-subscriptions",
-                    &format!("--snapshot={snapshot}"),
-                ],
-                &datname,
-            )?;
-            let split = script::split(&dump).map_err(|e| {
-                Stop::Failed(Failure::with_hint(
-                    format!("pre-data schema dump of {datname} refused: {e}"),
-                    e.hint(),
-                ))
-            })?;
-            if database.state == "pending" {
-                for statement in script::database_statements(&split.before_connect) {
-                    let creates = statement
-                        .to_ascii_uppercase()
-                        .starts_with("CREATE DATABASE");
-                    if creates && local.contains(&datname) {
-                        continue; // postgres, or the control database: migrate into it
-                    }
-                    txn::run(|| {
-                        if creates {
-                            execute::toplevel_utility(&statement);
-                            Ok(())
-                        } else {
-                            execute::run_utf8(&statement).map_err(|e| Failure::new(e.to_string()))
-                        }
-                    })?;
-                }
-                // Created by the bootstrap superuser (creating a database
-                // from template0 runs no code of the source), then given to
-                // its owner, as pg_dump's ALTER DATABASE ... OWNER TO would.
-                if let Some(owner) = script::database_owner(&split.before_connect) {
-                    let statement = format!(
-                        "ALTER DATABASE {} OWNER TO {}",
-                        quote_ident(&datname),
-                        quote_ident(&owner)
-                    );
-                    txn::run(|| {
-                        execute::run_utf8(&statement).map_err(|e| Failure::new(e.to_string()))
-                    })?;
-                }
-                self.set_database_state(&datname, "created", Some(&lsn))?;
+            let archives = self.dump_schemas(&dumps)?;
+            for ((ordinal, database), archive) in group.iter().zip(archives) {
+                self.check()?;
+                self.apply_database_pre_data(*ordinal, database, &archive, &local)?;
             }
-            let path = self.write_script(
-                &format!("pre-data-{ordinal}.sql"),
-                &split.after_connect,
-                "pre-data",
-                &datname,
-            )?;
-            let job = Job {
-                kind: JobKind::ApplyScript,
-                resuming: self.resumed,
-                path,
-                caller: self.caller(),
-                ..Job::default()
-            };
-            self.run_jobs(&datname, vec![job], 1, &mut |_| Ok(()), &mut |job, _| {
-                self.record_skipped_statements(&datname, job)
-            })?;
-            self.set_database_state(&datname, "schema_applied", Some(&lsn))?;
-            self.event(
-                Some(&datname),
-                "info",
-                &format!(
-                    "schema created; slot {} starts at {lsn}",
-                    database.slot_name
-                ),
-            )?;
         }
+        Ok(())
+    }
+
+    /// Creates database `database` here if it is not yet, and applies the
+    /// pre-data section of its schema dump `archive` inside it.
+    fn apply_database_pre_data(
+        &mut self,
+        ordinal: usize,
+        database: &TaskDatabase,
+        archive: &std::path::Path,
+        local: &HashSet<String>,
+    ) -> Result<(), Stop> {
+        let datname = database.datname.clone();
+        let (_, lsn) = self.snapshot_of(&datname).unwrap_or_default();
+        let dump = self.restore_section(archive, "pre-data", &datname)?;
+        let split = script::split(&dump).map_err(|e| {
+            Stop::Failed(Failure::with_hint(
+                format!("pre-data schema dump of {datname} refused: {e}"),
+                e.hint(),
+            ))
+        })?;
+        if database.state == "pending" {
+            for statement in script::database_statements(&split.before_connect) {
+                let creates = statement
+                    .to_ascii_uppercase()
+                    .starts_with("CREATE DATABASE");
+                if creates && local.contains(&datname) {
+                    continue; // postgres, or the control database: migrate into it
+                }
+                txn::run(|| {
+                    if creates {
+                        execute::toplevel_utility(&statement);
+                        Ok(())
+                    } else {
+                        execute::run_utf8(&statement).map_err(|e| Failure::new(e.to_string()))
+                    }
+                })?;
+            }
+            // Created by the bootstrap superuser (creating a database
+            // from template0 runs no code of the source), then given to
+            // its owner, as pg_dump's ALTER DATABASE ... OWNER TO would.
+            if let Some(owner) = script::database_owner(&split.before_connect) {
+                let statement = format!(
+                    "ALTER DATABASE {} OWNER TO {}",
+                    quote_ident(&datname),
+                    quote_ident(&owner)
+                );
+                txn::run(|| {
+                    execute::run_utf8(&statement).map_err(|e| Failure::new(e.to_string()))
+                })?;
+            }
+            self.set_database_state(&datname, "created", Some(&lsn))?;
+        }
+        let path = self.write_script(
+            &format!("pre-data-{ordinal}.sql"),
+            &split.after_connect,
+            "pre-data",
+            &datname,
+        )?;
+        let job = Job {
+            kind: JobKind::ApplyScript,
+            resuming: self.resumed,
+            path,
+            caller: self.caller(),
+            ..Job::default()
+        };
+        self.run_jobs(&datname, vec![job], 1, &mut |_| Ok(()), &mut |job, _| {
+            self.record_skipped_statements(&datname, job)
+        })?;
+        self.set_database_state(&datname, "schema_applied", Some(&lsn))?;
+        self.event(
+            Some(&datname),
+            "info",
+            &format!(
+                "schema created; slot {} starts at {lsn}",
+                database.slot_name
+            ),
+        )?;
         Ok(())
     }
 
@@ -935,12 +960,18 @@ impl Runner {
                 )?;
             }
             let (snapshot, sync_lsn) = self.snapshot_of(&datname).unwrap_or_default();
-            let planned = self.plan(&datname, &snapshot)?;
+            let (planned, columns) = self.plan(&datname, &snapshot)?;
+            let columns_path = self.write_columns(ordinal, &columns)?;
             txn::spi(|| tasks::plan_tables(task_id, &datname, &planned))?;
             let tables = txn::spi(|| tasks::tables_to_copy(task_id, &datname))?;
             // Each table's own indexes and constraints, built right after its
             // rows by the worker that copied it; the rest waits for post-data.
             let index_scripts = self.post_data_scripts(ordinal, &datname, &snapshot)?;
+            let small: HashSet<(String, String)> = planned
+                .iter()
+                .filter(|t| t.bytes_total <= SMALL_TABLE_BYTES)
+                .map(|t| (t.schema_name.clone(), t.table_name.clone()))
+                .collect();
             let mut by_name: HashMap<(String, String), TableCopy> = HashMap::new();
             let mut queue = Vec::new();
             for table in tables {
@@ -949,13 +980,26 @@ impl Runner {
                     // Its rows committed, its indexes may have (see JobSlot::resuming).
                     queue.extend(index_job(&index_scripts, &name, true, self.caller()));
                 } else {
+                    // An interrupted copy, or an extension's defaults to replace.
+                    let truncate_first = table.state == "copying" || table.extension_config;
+                    // A small table's indexes in its copy's transaction: one
+                    // job and one commit fewer (see SMALL_TABLE_BYTES). Not
+                    // on a copy done again: the attempt that died may have
+                    // committed both, and its indexes' job then knows to
+                    // accept that they exist (see JobSlot::resuming).
+                    let script = match index_scripts.get(&name) {
+                        Some(path) if !truncate_first && small.contains(&name) => path.clone(),
+                        _ => String::new(),
+                    };
                     queue.push(Job {
                         kind: JobKind::CopyTable,
                         schema: table.schema_name.clone(),
                         table: table.table_name.clone(),
                         snapshot: snapshot.clone(),
-                        // An interrupted copy, or an extension's defaults to replace.
-                        truncate_first: table.state == "copying" || table.extension_config,
+                        path: columns_path.clone(),
+                        script,
+                        truncate_first,
+                        caller: self.caller(),
                         ..Job::default()
                     });
                 }
@@ -995,10 +1039,20 @@ impl Runner {
                         let to_catalog = |e: pgrx::spi::Error| Failure::new(e.to_string());
                         tasks::mark_copied(task_id, table, result.rows as i64, result.bytes as i64)
                             .map_err(to_catalog)?;
+                        if !job.script.is_empty() {
+                            // Built in the copy's own transaction.
+                            tables_indexed.set(tables_indexed.get() + 1);
+                            self.record_skipped_statements(&datname, job)?;
+                            tasks::mark_table_indexed(task_id, table).map_err(to_catalog)?;
+                            return Ok(Vec::new());
+                        }
                         let name = (job.schema.clone(), job.table.clone());
-                        let next: Vec<Job> = index_job(&index_scripts, &name, false, caller)
-                            .into_iter()
-                            .collect();
+                        // A copy done again: the attempt that died may have
+                        // built its indexes in the copy's transaction.
+                        let next: Vec<Job> =
+                            index_job(&index_scripts, &name, job.truncate_first, caller)
+                                .into_iter()
+                                .collect();
                         if next.is_empty() {
                             tasks::mark_table_indexed(task_id, table).map_err(to_catalog)?;
                         }
@@ -1040,18 +1094,14 @@ impl Runner {
         datname: &str,
         snapshot: &str,
     ) -> Result<HashMap<(String, String), String>, Stop> {
-        let mut args = vec![
-            "--schema-only".to_string(),
-            "--section=post-data".to_string(),
-            "--use-set-session-authorization".to_string(),
-            "--no-publications".to_string(),
-            "--no-subscriptions".to_string(),
-        ];
-        if !snapshot.is_empty() {
-            args.push(format!("--snapshot={snapshot}"));
+        // The archive the pre-data came from, so both halves describe the
+        // same schema; taken again (at the snapshot held now) only if it is
+        // gone.
+        let mut archive = self.schema_archive(ordinal);
+        if !archive.exists() {
+            archive = self.dump_schema(ordinal, datname, snapshot)?;
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let dump = self.dump("pg_dump", &args, datname)?;
+        let dump = self.restore_section(&archive, "post-data", datname)?;
         let refused = |e: script::ScriptError| {
             Stop::Failed(Failure::with_hint(
                 format!("post-data schema dump of {datname} refused: {e}"),
@@ -1081,28 +1131,142 @@ impl Runner {
         Ok(paths)
     }
 
-    /// The tables of a source database, read at the snapshot.
-    fn plan(&self, datname: &str, snapshot: &str) -> Result<Vec<PlannedTable>, Stop> {
+    /// Where the schema dump of the `ordinal`-th database is kept.
+    fn schema_archive(&self, ordinal: usize) -> PathBuf {
+        self.work_dir.join(format!("schema-{ordinal}.dump"))
+    }
+
+    /// Dumps the whole schema of `datname` at `snapshot` (none: now) once,
+    /// in pg_dump's custom format, to the task's work dir: one pg_dump run
+    /// per database, where a dump per section ran it twice, and over a
+    /// distant link each run costs a round trip per table it locks.
+    fn dump_schema(&self, ordinal: usize, datname: &str, snapshot: &str) -> Result<PathBuf, Stop> {
+        let mut archives =
+            self.dump_schemas(&[(ordinal, datname.to_string(), snapshot.to_string())])?;
+        archives
+            .pop()
+            .ok_or_else(|| Stop::Failed(Failure::new("no schema dump")))
+    }
+
+    /// As [`Self::dump_schema`] for several databases (ordinal, name,
+    /// snapshot) at once: their pg_dump runs overlap their round trips.
+    /// Each is written under a temporary name first, so a run cut short
+    /// never passes for a whole dump. The archives come in the same order.
+    fn dump_schemas(&self, databases: &[(usize, String, String)]) -> Result<Vec<PathBuf>, Stop> {
+        let mut args: Vec<Vec<String>> = Vec::new();
+        let mut files = Vec::new();
+        for (ordinal, _, snapshot) in databases {
+            let archive = self.schema_archive(*ordinal);
+            let partial = archive.with_extension("dump.partial");
+            let mut these = vec![
+                "--schema-only".to_string(),
+                "--format=custom".to_string(),
+                // Small, and read back at once: not worth the CPU.
+                "--compress=0".to_string(),
+                "--no-publications".to_string(),
+                "--no-subscriptions".to_string(),
+                format!("--file={}", partial.display()),
+            ];
+            if !snapshot.is_empty() {
+                these.push(format!("--snapshot={snapshot}"));
+            }
+            args.push(these);
+            files.push((partial, archive));
+        }
+        let args: Vec<Vec<&str>> = args
+            .iter()
+            .map(|these| these.iter().map(String::as_str).collect())
+            .collect();
+        let runs: Vec<dump::Invocation<'_>> = databases
+            .iter()
+            .zip(&args)
+            .map(|((_, datname, _), these)| ("pg_dump", these.as_slice(), datname.as_str()))
+            .collect();
+        let results = dump::run_all(&runs, &self.info, &self.work_dir, txn::interrupt_check)
+            .map_err(|e| self.dump_failure(e, &databases[0].1))?;
+        let mut archives = Vec::new();
+        for ((result, (_, datname, _)), (partial, archive)) in
+            results.into_iter().zip(databases).zip(files)
+        {
+            result.map_err(|e| self.dump_failure(e, datname))?;
+            std::fs::rename(&partial, &archive).map_err(|e| {
+                Stop::Failed(Failure::new(format!(
+                    "could not rename {}: {e}",
+                    partial.display()
+                )))
+            })?;
+            archives.push(archive);
+        }
+        Ok(archives)
+    }
+
+    /// The script of one section of a schema archive, as pg_dump would have
+    /// printed it with `--section`: run locally by the destination's
+    /// pg_restore, pg_dump's own section logic with no trip to the source.
+    /// Each object's statements come preceded by its owner, run as that
+    /// owner (see schema::execute); pre-data also creates the database.
+    fn restore_section(
+        &self,
+        archive: &std::path::Path,
+        section: &str,
+        datname: &str,
+    ) -> Result<String, Stop> {
+        let section_arg = format!("--section={section}");
+        let mut args = vec![section_arg.as_str(), "--use-set-session-authorization"];
+        if section == "pre-data" {
+            args.push("--create");
+        }
+        let archive = archive.display().to_string();
+        args.push(&archive);
+        dump::restore_script(&args, txn::interrupt_check).map_err(|e| {
+            Stop::Failed(Failure::new(format!(
+                "could not read the {section} schema of {datname} from its dump: {e}"
+            )))
+        })
+    }
+
+    /// The tables of a source database, read at the snapshot, with the
+    /// columns each one's COPY reads.
+    fn plan(
+        &self,
+        datname: &str,
+        snapshot: &str,
+    ) -> Result<(Vec<PlannedTable>, Vec<TableColumns>), Stop> {
         let mut connection = self.connect(datname, false)?;
-        let mut planning = || -> Result<Vec<PlannedTable>, SourceError> {
-            connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+        type Plan = (Vec<PlannedTable>, Vec<TableColumns>);
+        let mut planning = || -> Result<Plan, SourceError> {
+            // One exchange: over a distant link each costs a round trip.
             connection.execute(&format!(
-                "SET TRANSACTION SNAPSHOT {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
                 quote_literal(snapshot)
             ))?;
             let rows = connection.simple_query(SOURCE_TABLES_SQL)?;
             connection.execute("COMMIT")?;
-            rows.iter()
-                .map(|row| {
-                    Ok(PlannedTable {
-                        schema_name: row.try_get("schema_name")?.unwrap_or_default().to_string(),
-                        table_name: row.try_get("table_name")?.unwrap_or_default().to_string(),
-                        bytes_total: row.parse("bytes_total")?,
-                        rows_estimated: row.parse("rows_estimated")?,
-                        extension_config: row.get_bool("extension_config")?,
-                    })
-                })
-                .collect()
+            let mut planned = Vec::with_capacity(rows.len());
+            let mut columns = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let schema = row.try_get("schema_name")?.unwrap_or_default().to_string();
+                let table = row.try_get("table_name")?.unwrap_or_default().to_string();
+                let names: Vec<String> =
+                    serde_json::from_str(row.try_get("columns")?.unwrap_or("[]")).map_err(|e| {
+                        SourceError::Protocol(format!(
+                            "column \"columns\" is not a JSON array of names: {e}"
+                        ))
+                    })?;
+                columns.push(TableColumns {
+                    schema: schema.clone(),
+                    table: table.clone(),
+                    columns: names,
+                });
+                planned.push(PlannedTable {
+                    schema_name: schema,
+                    table_name: table,
+                    bytes_total: row.parse("bytes_total")?,
+                    rows_estimated: row.parse("rows_estimated")?,
+                    extension_config: row.get_bool("extension_config")?,
+                });
+            }
+            Ok((planned, columns))
         };
         let planned = planning().map_err(|e| {
             Stop::Failed(source_failure(
@@ -1112,6 +1276,21 @@ impl Runner {
         });
         connection.close();
         planned
+    }
+
+    /// Writes the column lists of a database's tables for its copy workers
+    /// (see [`TableColumns`]); returns the file's path.
+    fn write_columns(&self, ordinal: usize, columns: &[TableColumns]) -> Result<String, Stop> {
+        let path = self.work_dir.join(format!("columns-{ordinal}.jsonl"));
+        let text = format_columns(columns)
+            .map_err(|e| Stop::Failed(Failure::new(format!("could not list columns: {e}"))))?;
+        std::fs::write(&path, text).map_err(|e| {
+            Stop::Failed(Failure::new(format!(
+                "could not write {}: {e}",
+                path.display()
+            )))
+        })?;
+        Ok(path.display().to_string())
     }
 
     fn apply_post_data(&mut self) -> Result<(), Stop> {
@@ -1161,6 +1340,19 @@ impl Runner {
         Ok(())
     }
 }
+
+/// Databases whose schemas are dumped at the same time at most (one pg_dump,
+/// so one source connection, each; fewer with fewer copy workers).
+const SCHEMA_DUMPS_AT_ONCE: usize = 4;
+
+/// Tables up to this size (`pg_table_size` when planned) have their own
+/// indexes and constraints built in the transaction that copies their rows,
+/// by the same job: for such a table the copy takes about as long as the
+/// fixed cost of a job of its own (handing it out, a synchronous commit
+/// here and one of its progress row), which dominated a copy of many small
+/// tables. Larger tables keep a job for their indexes, so a crash during
+/// a long index build does not undo the rows.
+const SMALL_TABLE_BYTES: i64 = 1 << 20;
 
 /// The job that builds the indexes and constraints of table `name` alone,
 /// if it has any (see `script::split_post_data`).

@@ -240,8 +240,15 @@ fn measure(bench: &Bench, tool: Tool, drained: &mut Outcome, lagged: &mut Outcom
             tools::stream_pglogical(source, &dest, &dbs, opts.setup_timeout).map(|_| ())
         }
         Tool::Cloudmig => tools::assess_cloudmig(source, &dest).and_then(|assessment| {
-            tools::start_cloudmig(&dest, assessment, &dbs, "incremental", opts.setup_timeout)
-                .map(|_| ())
+            tools::start_cloudmig(
+                &dest,
+                assessment,
+                &dbs,
+                "incremental",
+                opts.setup_timeout,
+                opts.copy_workers,
+            )
+            .map(|_| ())
         }),
         _ => Err(format!("{tool} is not an applier")),
     }

@@ -81,10 +81,15 @@ fn copy_once(
     let link_before = bench.proxy.as_ref().map(|p| (p.accepted(), p.exchanges()));
     let started = Instant::now();
     let result: Result<Phases, String> = match (tool, assessment) {
-        (Tool::Cloudmig, Some(assessment)) => {
-            tools::start_cloudmig(&dest, assessment, dbs, "copy_complete", timeout)
-                .map(|(_, phases)| phases)
-        }
+        (Tool::Cloudmig, Some(assessment)) => tools::start_cloudmig(
+            &dest,
+            assessment,
+            dbs,
+            "copy_complete",
+            timeout,
+            bench.opts.copy_workers,
+        )
+        .map(|(_, phases)| phases),
         (Tool::PgDumpPipe, _) => tools::copy_pg_dump_pipe(source, &dest, dbs).map(|()| vec![]),
         (Tool::PgDumpParallel, _) => {
             tools::copy_pg_dump_parallel(source, &dest, dbs, &bench.scratch)

@@ -338,6 +338,8 @@ pub struct Options {
     pub tools: Vec<Tool>,
     /// The links the sections run over, each in turn (direct by default).
     pub links: Vec<Link>,
+    /// cloudmig's `copy_workers` start option (default: its `cloudmig.copy_workers`).
+    pub copy_workers: Option<u32>,
 }
 
 impl Options {
@@ -397,6 +399,7 @@ impl Options {
                 "switchover-rate" => opts.switchover_rate = number()?.max(1),
                 "switchover-warmup" => opts.switchover_warmup_seconds = number()?,
                 "small-tables" => opts.small_tables = number()?,
+                "copy-workers" => opts.copy_workers = Some(number()?.max(1)),
                 "extra" => opts.extra = !matches!(value.as_str(), "0" | "off" | "false" | "no"),
                 "out" => opts.out_dir = PathBuf::from(value),
                 "link" => {
@@ -470,6 +473,7 @@ impl Default for Options {
             out_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench-results")),
             tools: Tool::COPIERS.to_vec(),
             links: vec![Link::Direct],
+            copy_workers: None,
         }
     }
 }
@@ -503,6 +507,7 @@ flags (or environment variables BENCH_<NAME>, e.g. BENCH_SCALE=20):
                          direction (lan 0.25 ms at 10 Gbit/s; 30ms-* 15 ms at 1 Gbit/s or 100
                          Mbit/s), limits each to the rate (token bucket) and keeps at most 4 MiB
                          in flight per connection and direction
+  --copy-workers N       cloudmig's copy_workers start option (default: cloudmig.copy_workers, 2)
   --out DIR              results directory (default bench-results/ of the repository)
 
 environment: CLOUDMIG_PG_BINDIR (PostgreSQL binaries, with cloudmig and pglogical installed),

@@ -36,7 +36,14 @@ fn switch_over(bench: &Bench, outcome: &mut Outcome) -> Status {
     let dbs = [BENCH_DB.to_owned()];
     let dest = tools::destination(Tool::Cloudmig, "bench-switchover");
     let task = match tools::assess_cloudmig(source, &dest).and_then(|assessment| {
-        tools::start_cloudmig(&dest, assessment, &dbs, "incremental", opts.setup_timeout)
+        tools::start_cloudmig(
+            &dest,
+            assessment,
+            &dbs,
+            "incremental",
+            opts.setup_timeout,
+            opts.copy_workers,
+        )
     }) {
         Ok((task, _)) => task,
         Err(e) if is_timeout(&e) => return Status::Unfinished(format!("set-up: {e}")),

@@ -383,7 +383,7 @@ pub fn assess_cloudmig(source: &Cluster, dest: &Cluster) -> Result<i64, String> 
 }
 
 /// `cloudmig.start` of `assessment` limited to `dbs` (with `replica_identity_full`, which the
-/// tables without a key need); waits for `until` (`copy_complete` or `incremental`) and
+/// tables without a key need, and `copy_workers` when given); waits for `until` (`copy_complete` or `incremental`) and
 /// returns the task id and the per-phase durations from `cloudmig.events`.
 pub fn start_cloudmig(
     dest: &Cluster,
@@ -391,10 +391,14 @@ pub fn start_cloudmig(
     dbs: &[String],
     until: &str,
     timeout: Duration,
+    copy_workers: Option<u32>,
 ) -> Result<(i64, Phases), String> {
     let mut client = dest.try_client("postgres").map_err(|e| describe(&e))?;
+    let workers = copy_workers
+        .map(|n| format!(", \"copy_workers\": {n}"))
+        .unwrap_or_default();
     let options = format!(
-        "{{\"databases\": [{}], \"replica_identity_full\": true}}",
+        "{{\"databases\": [{}], \"replica_identity_full\": true{workers}}}",
         dbs.iter()
             .map(|db| format!("\"{db}\""))
             .collect::<Vec<_>>()

@@ -189,11 +189,19 @@ fn run_job(
         }
         JobKind::CopyLargeObjects => {
             let connection = session_for(session, database, &snapshot)?;
-            txn::run(|| {
-                objects::copy_large_objects(connection)
-                    .map(|_| ())
-                    .map_err(objects_failure)
-            })
+            // With a path: what was copied, for the switchover's pass inside
+            // its window to compare with.
+            let path = job.path.get();
+            let (objects, counts) = txn::run(|| {
+                objects::copy_large_objects(connection, !path.is_empty()).map_err(objects_failure)
+            })?;
+            if path.is_empty() {
+                return Ok(());
+            }
+            let pass = objects::LargeObjectPass { objects, counts };
+            let text = serde_json::to_string(&pass).map_err(|e| Failure::new(e.to_string()))?;
+            std::fs::write(&path, text)
+                .map_err(|e| Failure::new(format!("could not write {path}: {e}")))
         }
         JobKind::RefreshMaterializedViews => {
             let connection = session_for(session, database, &snapshot)?;

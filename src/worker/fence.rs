@@ -278,14 +278,16 @@ impl Runner {
 }
 
 impl Runner {
-    /// Reads the database's sequences, large objects and populated
-    /// materialized views through the fence's session into `path` (JSON
-    /// lines) for a database worker's ApplyObjects job.
+    /// Reads the database's sequences, and what changed in its large objects
+    /// since `known` (what the pass before the fence copied), through the
+    /// fence's session into `path` (JSON lines) for a database worker's
+    /// ApplyObjects job. Returns what the large objects' delta holds.
     pub(super) fn export_objects(
         &self,
         session: &mut Connection,
+        known: &[crate::copy::objects::LargeObjectState],
         path: &std::path::Path,
-    ) -> Result<(), Failure> {
+    ) -> Result<crate::copy::objects::LargeObjectCounts, Failure> {
         use crate::copy::objects::{self, ObjectsError, SourceObject};
         use std::io::Write;
         let file = std::fs::File::create(path)
@@ -296,15 +298,23 @@ impl Runner {
                 serde_json::to_string(&object).map_err(|e| ObjectsError::File(e.to_string()))?;
             writeln!(out, "{line}").map_err(|e| ObjectsError::File(e.to_string()))
         };
-        let read = objects::read_sequences(session, &mut write)
-            .and_then(|_| objects::read_large_objects(session, &mut write))
-            .and_then(|_| objects::read_materialized_views(session, &mut write));
-        read.map_err(|e| {
+        let mut read = || -> Result<objects::LargeObjectCounts, ObjectsError> {
+            objects::read_sequences(session, &mut write)?;
+            let theirs = objects::source_large_objects(session, true)?;
+            objects::large_object_delta(
+                &theirs,
+                known,
+                &mut |oid, offset, length| objects::read_large_object(session, oid, offset, length),
+                &mut write,
+            )
+        };
+        let counts = read().map_err(|e| {
             Failure::new(format!(
                 "reading sequences and large objects on the source: {e}"
             ))
         })?;
         out.flush()
-            .map_err(|e| Failure::new(format!("could not write {}: {e}", path.display())))
+            .map_err(|e| Failure::new(format!("could not write {}: {e}", path.display())))?;
+        Ok(counts)
     }
 }

@@ -28,6 +28,7 @@ use super::slot_watch::{self, SlotWatch};
 use super::task::Runner;
 use super::txn::{self, Failure};
 use crate::catalog::tasks::{self, Phase, TaskDatabase};
+use crate::copy::objects::{LargeObjectCounts, LargeObjectPass, LargeObjectState};
 use crate::source::{quote_ident, quote_literal, Connection, Lsn, SourceError};
 use pgrx::bgworkers::{BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
@@ -65,6 +66,11 @@ pub fn verify_file(task_id: i64) -> std::path::PathBuf {
 /// Step durations of a completed switchover.
 #[derive(Default)]
 struct Report {
+    /// The pass before the fence (large objects, materialized views).
+    before_fence_ms: i64,
+    /// What the large objects' passes before the fence and inside the window changed.
+    large_objects_before: LargeObjectCounts,
+    large_objects_window: LargeObjectCounts,
     fence_ms: i64,
     drain_ms: i64,
     objects_ms: i64,
@@ -536,7 +542,19 @@ impl Runner {
                 if let Some(connection) = source.take() {
                     connection.close();
                 }
-                match self.switchover(databases, workers, &request, &mut pace) {
+                let outcome = self
+                    .record_apply_outages(databases, &mut outage_attempts)
+                    .map_err(stop_failure)
+                    .and_then(|()| {
+                        self.switchover(
+                            databases,
+                            workers,
+                            &request,
+                            &mut pace,
+                            &mut outage_attempts,
+                        )
+                    });
+                match outcome {
                     Ok(report) => {
                         publish_outcome(Ok(&report));
                         return Ok(());
@@ -562,6 +580,7 @@ impl Runner {
         workers: &mut [Option<DynamicBackgroundWorker>],
         request: &Request,
         pace: &mut Pace,
+        outage_attempts: &mut [u32],
     ) -> Result<Report, Failure> {
         if self.task.phase != Phase::Incremental {
             return Err(Failure::with_hint(
@@ -582,6 +601,10 @@ impl Runner {
         // to stream again, then refuse while the source is still writable.
         let reconnect_until = Instant::now() + request.timeout / 4;
         loop {
+            // An apply that streams again says so before the switchover
+            // goes on (its 'streaming again' event comes first).
+            self.record_apply_outages(databases, outage_attempts)
+                .map_err(stop_failure)?;
             let reconnecting = {
                 let slots = APPLY.share();
                 databases
@@ -604,6 +627,11 @@ impl Runner {
             }
             txn::nap(Duration::from_millis(200));
         }
+        // The bulk of what is not streamed, while the source still writes:
+        // the window then only has what changes after this.
+        let before_started = Instant::now();
+        let (known, large_objects_before) = self.before_fence(databases)?;
+        let before_fence_ms = millis(before_started);
         let lag = APPLY
             .share()
             .iter()
@@ -689,14 +717,84 @@ impl Runner {
             )
             .and_then(|()| {
                 let fence_ms = millis(started);
-                self.drain_and_finish(databases, workers, request, started, &mut fence)
-                    .map(|report| Report { fence_ms, ..report })
+                self.drain_and_finish(databases, workers, request, started, &mut fence, &known)
+                    .map(|report| Report {
+                        fence_ms,
+                        before_fence_ms,
+                        large_objects_before,
+                        ..report
+                    })
             });
         if outcome.is_err() {
             self.unfence(databases, Some(&mut fence));
         }
         fence.close();
         outcome
+    }
+
+    /// Before the fence, per database: copies what changed in the large
+    /// objects since they were last copied (a database worker compares
+    /// digests of each object's chunks on both sides and moves only the
+    /// differing ones) and refreshes the materialized views. Returns the
+    /// large objects as copied, for the pass inside the window to compare
+    /// with, and what changed.
+    fn before_fence(
+        &mut self,
+        databases: &[TaskDatabase],
+    ) -> Result<(Vec<Vec<LargeObjectState>>, LargeObjectCounts), Failure> {
+        TASK.exclusive().switchover.preparing = true;
+        let outcome = self.copy_before_fence(databases);
+        TASK.exclusive().switchover.preparing = false;
+        outcome
+    }
+
+    fn copy_before_fence(
+        &mut self,
+        databases: &[TaskDatabase],
+    ) -> Result<(Vec<Vec<LargeObjectState>>, LargeObjectCounts), Failure> {
+        let mut known = Vec::new();
+        let mut total = LargeObjectCounts::default();
+        let caller = self.task.started_by.unwrap_or(pg_sys::InvalidOid);
+        for (ordinal, database) in databases.iter().enumerate() {
+            let path = self
+                .work_dir
+                .join(format!("switchover-large-objects-{ordinal}.json"));
+            // Left by an earlier attempt: never taken for this one's.
+            let _ = std::fs::remove_file(&path);
+            // No snapshot: each job reads the source as it is now.
+            let jobs = vec![
+                Job {
+                    kind: JobKind::CopyLargeObjects,
+                    path: path.display().to_string(),
+                    caller,
+                    ..Job::default()
+                },
+                Job {
+                    kind: JobKind::RefreshMaterializedViews,
+                    caller,
+                    ..Job::default()
+                },
+            ];
+            self.run_jobs(&database.datname, jobs, 1, &mut |_| Ok(()), &mut |_, _| {
+                Ok(())
+            })
+            .map_err(stop_failure)?;
+            let pass: LargeObjectPass = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+                .map_err(|e| Failure::new(format!("could not read {}: {e}", path.display())))?;
+            if !pass.counts.is_empty() {
+                self.event(
+                    Some(&database.datname),
+                    "info",
+                    &format!("switchover, before the fence: {}", pass.counts),
+                )
+                .map_err(stop_failure)?;
+            }
+            total.add(&pass.counts);
+            known.push(pass.objects);
+        }
+        Ok((known, total))
     }
 
     /// Writes a marker (a logical message) in each database through the
@@ -764,6 +862,7 @@ impl Runner {
         request: &Request,
         started: Instant,
         fence: &mut Fence,
+        known: &[Vec<LargeObjectState>],
     ) -> Result<Report, Failure> {
         let deadline = started + request.timeout;
         // The final position of each database: a marker written after the fence.
@@ -794,11 +893,17 @@ impl Runner {
         }
 
         let objects_started = Instant::now();
+        let mut large_objects_window = LargeObjectCounts::default();
         for (ordinal, database) in databases.iter().enumerate() {
             let path = self
                 .work_dir
                 .join(format!("switchover-objects-{ordinal}.jsonl"));
-            self.export_objects(&mut fence.sessions[ordinal], &path)?;
+            let counts = self.export_objects(
+                &mut fence.sessions[ordinal],
+                known.get(ordinal).map_or(&[][..], Vec::as_slice),
+                &path,
+            )?;
+            large_objects_window.add(&counts);
             let job = Job {
                 kind: JobKind::ApplyObjects,
                 path: path.display().to_string(),
@@ -891,13 +996,20 @@ impl Runner {
         }
         let cleanup_ms = millis(cleanup_started);
         let report = Report {
-            fence_ms: 0,
+            large_objects_window,
             drain_ms,
             objects_ms,
             cleanup_ms,
             downtime_ms,
             final_lsn: markers.iter().copied().max().unwrap_or_default(),
+            ..Report::default()
         };
+        self.event(
+            None,
+            "info",
+            &format!("switchover, inside the window: {large_objects_window}"),
+        )
+        .map_err(stop_failure)?;
         let message = format!(
             "downtime {} ms (fence, drain {} ms, sequences and large objects {} ms; then cleanup {} ms); \
              final source LSN {}; the source databases stay read-only and refuse connections",
@@ -1092,6 +1204,10 @@ fn publish_outcome(outcome: Result<&Report, &Failure>) {
             exchange.fence_ms = report.fence_ms;
             exchange.drain_ms = report.drain_ms;
             exchange.objects_ms = report.objects_ms;
+            exchange.before_fence_ms = report.before_fence_ms;
+            exchange.large_objects_before = report.large_objects_before.changed() as i64;
+            exchange.large_objects_window = report.large_objects_window.changed() as i64;
+            exchange.large_object_bytes_window = report.large_objects_window.bytes;
             exchange.cleanup_ms = report.cleanup_ms;
             exchange.final_lsn = report.final_lsn.0;
             exchange.message.set("");

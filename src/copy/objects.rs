@@ -59,18 +59,54 @@ pub enum SourceObject {
     LargeObjectTruncate { oid: String, length: i64 },
     /// Large object `oid` is gone from the source.
     LargeObjectUnlink { oid: String },
-    /// A materialized view: refreshed here when populated on the source,
-    /// else made unpopulated here too.
+    /// A materialized view: populated on the source, it gets the rows of
+    /// the file `rows` (its COPY text there); else unpopulated here too.
     MaterializedView {
         schema: String,
         name: String,
-        #[serde(default = "populated")]
         populated: bool,
+        rows: Option<String>,
     },
 }
 
-fn populated() -> bool {
-    true
+/// What a REFRESH of a materialized view on the source changes: a plain
+/// one gives it a new relfilenode, a concurrent one counts its DML in the
+/// statistics (which a backend sends at the latest when it exits, and the
+/// fence ends every session), WITH NO DATA unpopulates it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MaterializedViewState {
+    pub schema: String,
+    pub name: String,
+    pub populated: bool,
+    pub filenode: String,
+    pub changes: String,
+}
+
+/// The source's materialized views and their [`MaterializedViewState`].
+pub fn materialized_view_states(
+    source: &mut Connection,
+) -> Result<Vec<MaterializedViewState>, ObjectsError> {
+    source
+        .simple_query(
+            "SELECT n.nspname::text AS schema, c.relname::text AS name, \
+                    c.relispopulated::text AS populated, c.relfilenode::text AS filenode, \
+                    coalesce(s.n_tup_ins + s.n_tup_upd + s.n_tup_del, 0)::text AS changes \
+               FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+               LEFT JOIN pg_catalog.pg_stat_all_tables s ON s.relid = c.oid \
+              WHERE c.relkind = 'm' ORDER BY 1, 2",
+        )?
+        .iter()
+        .map(|row| {
+            Ok(MaterializedViewState {
+                schema: row.try_get("schema")?.unwrap_or_default().to_string(),
+                name: row.try_get("name")?.unwrap_or_default().to_string(),
+                populated: row.get("populated") == Some("true"),
+                filenode: row.get("filenode").unwrap_or_default().to_string(),
+                changes: row.get("changes").unwrap_or_default().to_string(),
+            })
+        })
+        .collect()
 }
 
 /// A large object as one side has it: its metadata, its size and a digest
@@ -404,24 +440,110 @@ pub fn read_sequences(
     Ok(names.len())
 }
 
-/// Reads the source's materialized views, and whether each is populated.
-pub fn read_materialized_views(
+/// The COPY statement reading materialized view `schema.name`'s rows on
+/// the source.
+pub fn materialized_view_copy(schema: &str, name: &str) -> String {
+    format!(
+        "COPY (SELECT * FROM {}.{}) TO STDOUT",
+        crate::source::quote_ident(schema),
+        crate::source::quote_ident(name)
+    )
+}
+
+/// Makes materialized view `schema.name` unpopulated here (no query runs).
+fn unpopulate(qualified: &str, caller: pgrx::pg_sys::Oid) -> Result<(), ObjectsError> {
+    let (owner, populated_here) = pgrx::Spi::connect(|client| {
+        let mut rows = client.select(
+            "SELECT relowner, relispopulated FROM pg_catalog.pg_class \
+              WHERE oid = $1::pg_catalog.regclass",
+            None,
+            &[qualified.into()],
+        )?;
+        match rows.next() {
+            Some(row) => Ok::<_, pgrx::spi::Error>((
+                row.get::<pgrx::pg_sys::Oid>(1)?,
+                row.get::<bool>(2)?.unwrap_or(false),
+            )),
+            None => Ok((None, false)),
+        }
+    })?;
+    if !populated_here {
+        return Ok(());
+    }
+    crate::schema::execute::as_owner_for(owner.unwrap_or(caller), caller, || {
+        run_utf8(&format!(
+            "REFRESH MATERIALIZED VIEW {qualified} WITH NO DATA"
+        ))
+    })?;
+    Ok(())
+}
+
+/// Gives every materialized view here the source session's contents (see
+/// [`super::matview`]); one unpopulated there becomes unpopulated here.
+/// Returns how many were copied.
+pub fn copy_materialized_views(
     source: &mut Connection,
-    each: &mut dyn FnMut(SourceObject) -> Result<(), ObjectsError>,
+    caller: pgrx::pg_sys::Oid,
 ) -> Result<usize, ObjectsError> {
     let views = source.simple_query(
         "SELECT schemaname::text AS schema, matviewname::text AS name, \
-                  ispopulated::text AS populated \
+                ispopulated::text AS populated \
            FROM pg_catalog.pg_matviews ORDER BY 1, 2",
     )?;
+    let mut copied = 0;
     for view in &views {
-        each(SourceObject::MaterializedView {
-            schema: view.try_get("schema")?.unwrap_or_default().to_string(),
-            name: view.try_get("name")?.unwrap_or_default().to_string(),
-            populated: view.get("populated") == Some("true"),
-        })?;
+        let schema = view.try_get("schema")?.unwrap_or_default();
+        let name = view.try_get("name")?.unwrap_or_default();
+        let qualified = format!(
+            "{}.{}",
+            crate::source::quote_ident(schema),
+            crate::source::quote_ident(name)
+        );
+        if view.get("populated") != Some("true") {
+            unpopulate(&qualified, caller)?;
+            continue;
+        }
+        let mut copy = source.copy_out(&materialized_view_copy(schema, name))?;
+        // A source lost mid-COPY surfaces as the local COPY's ERROR; keep
+        // the source's own error for the caller.
+        let lost: std::cell::RefCell<Option<SourceError>> = std::cell::RefCell::new(None);
+        let mut next = || {
+            copy.next_chunk().map_err(|e| {
+                let text = e.to_string();
+                *lost.borrow_mut() = Some(e);
+                text
+            })
+        };
+        let installed = super::matview::install(&qualified, caller, &mut next);
+        if let Some(error) = lost.into_inner() {
+            return Err(error.into());
+        }
+        installed?;
+        copied += 1;
     }
-    Ok(views.len())
+    Ok(copied)
+}
+
+/// Gives materialized view `qualified` here the rows of the COPY text file
+/// `path`.
+fn install_from_file(
+    qualified: &str,
+    path: &str,
+    caller: pgrx::pg_sys::Oid,
+) -> Result<(), ObjectsError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| ObjectsError::File(format!("could not read {path}: {e}")))?;
+    let mut next = || {
+        let mut buffer = vec![0u8; 1024 * 1024];
+        let read = file
+            .read(&mut buffer)
+            .map_err(|e| format!("could not read {path}: {e}"))?;
+        buffer.truncate(read);
+        Ok((read > 0).then(|| bytes::Bytes::from(buffer)))
+    };
+    super::matview::install(qualified, caller, &mut next)?;
+    Ok(())
 }
 
 /// Recreates one object here, through SPI in the caller's transaction.
@@ -472,35 +594,23 @@ pub fn apply(object: &SourceObject, caller: pgrx::pg_sys::Oid) -> Result<(), Obj
             schema,
             name,
             populated,
+            rows,
         } => {
+            // Quoted here: a name is text from the source, never SQL.
             let qualified = format!(
                 "{}.{}",
                 crate::source::quote_ident(schema),
                 crate::source::quote_ident(name)
             );
-            let here = pgrx::Spi::connect(|client| {
-                let mut rows = client.select(
-                    "SELECT relowner, relispopulated FROM pg_catalog.pg_class \
-                      WHERE oid = $1::pg_catalog.regclass",
-                    None,
-                    &[qualified.as_str().into()],
-                )?;
-                match rows.next() {
-                    Some(row) => Ok::<_, pgrx::spi::Error>((
-                        row.get::<pgrx::pg_sys::Oid>(1)?,
-                        row.get::<bool>(2)?.unwrap_or(false),
-                    )),
-                    None => Ok((None, false)),
+            match (populated, rows) {
+                (true, Some(path)) => install_from_file(&qualified, path, caller)?,
+                (true, None) => {
+                    return Err(ObjectsError::Invalid(format!(
+                        "no rows for materialized view {qualified}"
+                    )))
                 }
-            })?;
-            let (owner, populated_here) = (here.0.unwrap_or(caller), here.1);
-            // Unpopulated on the source: unpopulated here too (no query runs).
-            let statement = match (populated, populated_here) {
-                (true, _) => format!("REFRESH MATERIALIZED VIEW {qualified}"),
-                (false, true) => format!("REFRESH MATERIALIZED VIEW {qualified} WITH NO DATA"),
-                (false, false) => return Ok(()),
-            };
-            crate::schema::execute::as_owner_for(owner, caller, || run_utf8(&statement))?
+                (false, _) => unpopulate(&qualified, caller)?,
+            }
         }
     }
     Ok(())
@@ -646,16 +756,6 @@ fn split_acl_items(text: &str) -> Vec<String> {
         items.push(current);
     }
     items
-}
-
-/// Refreshes here every materialized view that is populated on the source.
-/// Each as its owner here (or as `caller`, who started the task, when that
-/// owner is a superuser and the caller is not: see `schema::execute`).
-pub fn refresh_materialized_views(
-    source: &mut Connection,
-    caller: pgrx::pg_sys::Oid,
-) -> Result<usize, ObjectsError> {
-    read_materialized_views(source, &mut |object| apply(&object, caller))
 }
 
 #[cfg(test)]

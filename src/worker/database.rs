@@ -206,7 +206,7 @@ fn run_job(
         JobKind::RefreshMaterializedViews => {
             let connection = session_for(session, database, &snapshot)?;
             txn::run(|| {
-                objects::refresh_materialized_views(connection, job.caller)
+                objects::copy_materialized_views(connection, job.caller)
                     .map(|_| ())
                     .map_err(objects_failure)
             })

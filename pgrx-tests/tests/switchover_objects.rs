@@ -42,7 +42,8 @@ fn only_changed_large_objects_move_and_materialized_views_keep_the_sources_conte
          CREATE MATERIALIZED VIEW mv_conc AS SELECT id, v FROM base_conc;
          CREATE UNIQUE INDEX mv_conc_id ON mv_conc (id);
          CREATE MATERIALIZED VIEW mv_stale AS SELECT id, v FROM base_stale;
-         CREATE MATERIALIZED VIEW mv_empty AS SELECT id FROM base_plain WITH NO DATA;",
+         CREATE MATERIALIZED VIEW mv_empty AS SELECT id FROM base_plain WITH NO DATA;
+         CREATE MATERIALIZED VIEW mv_busy AS SELECT clock_timestamp() AS at, random() AS r;",
     );
     let dest = ClusterBuilder::destination("sw-obj-dst").start();
     let task = migration::start_task(&dest, &source, "{}");
@@ -78,20 +79,38 @@ fn only_changed_large_objects_move_and_materialized_views_keep_the_sources_conte
         "mv_stale must differ from its query's result now"
     );
 
+    // mv_busy is refreshed over and over until the fence ends the session: the refreshes after
+    // the pass before the fence read it are found inside the window.
+    let mut busy = source.client("app");
+    let refreshing = std::thread::spawn(move || {
+        let mut refreshes = 0u64;
+        while busy
+            .batch_execute("REFRESH MATERIALIZED VIEW mv_busy")
+            .is_ok()
+        {
+            refreshes += 1;
+        }
+        refreshes
+    });
     let row = dest
         .client("postgres")
         .query_one(
             "SELECT large_objects_before_fence, large_objects_in_window, \
-                    large_object_bytes_in_window \
+                    large_object_bytes_in_window, materialized_views_in_window \
                FROM cloudmig.switchover($1)",
             &[&task],
         )
         .unwrap_or_else(|e| panic!("switchover: {e:?}\n{}", events(&dest, task)));
-    let (before, in_window, window_bytes): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let refreshes = refreshing.join().expect("the refreshing thread");
+    assert!(refreshes > 0);
+    let (before, in_window, window_bytes, views_in_window): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     let log = events(&dest, task);
     // 3008 created, 3004 removed, 3005-3007 new metadata, 3002 and 3003 new data.
     assert_eq!(before, 7, "{log}");
     assert_eq!((in_window, window_bytes), (0, 0), "{log}");
+    // mv_busy alone changed after the pass before the fence.
+    assert_eq!(views_in_window, 1, "{log}");
     // The pass before the fence moved the chunk written into (a megabyte) and the new object,
     // never the unchanged 30 MB one.
     let copied: i64 = dest.query_scalar(
@@ -109,6 +128,7 @@ fn only_changed_large_objects_move_and_materialized_views_keep_the_sources_conte
 
     migration::reopen_source(&source);
     assert_same_large_objects(&source, &dest, "app");
+    let source_views = views(&table_fingerprints(&source, "app"));
     let dest_views = views(&table_fingerprints(&dest, "app"));
     assert_eq!(source_views, dest_views, "{log}");
     let populated: bool = dest.query_scalar(

@@ -82,6 +82,7 @@ fn switchover(
         name!(large_objects_before_fence, i64),
         name!(large_objects_in_window, i64),
         name!(large_object_bytes_in_window, i64),
+        name!(materialized_views_in_window, i64),
     ),
 > {
     if !options.0.is_object() {
@@ -183,6 +184,7 @@ fn switchover(
                 exchange.large_objects_before,
                 exchange.large_objects_window,
                 exchange.large_object_bytes_window,
+                exchange.views_window,
             );
             pgrx::notice!(
                 "task {task} completed: downtime {} ms; the source databases are read-only now \

@@ -28,7 +28,9 @@ use super::slot_watch::{self, SlotWatch};
 use super::task::Runner;
 use super::txn::{self, Failure};
 use crate::catalog::tasks::{self, Phase, TaskDatabase};
-use crate::copy::objects::{LargeObjectCounts, LargeObjectPass, LargeObjectState};
+use crate::copy::objects::{
+    self, LargeObjectCounts, LargeObjectPass, LargeObjectState, MaterializedViewState,
+};
 use crate::source::{quote_ident, quote_literal, Connection, Lsn, SourceError};
 use pgrx::bgworkers::{BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
@@ -63,6 +65,14 @@ pub fn verify_file(task_id: i64) -> std::path::PathBuf {
     super::task::work_dir(task_id).join("verify.tsv")
 }
 
+/// What the pass before the fence copied of one database.
+struct Copied {
+    /// Its large objects, as copied.
+    large_objects: Vec<LargeObjectState>,
+    /// Its materialized views' states, as read before the copy.
+    views: Vec<MaterializedViewState>,
+}
+
 /// Step durations of a completed switchover.
 #[derive(Default)]
 struct Report {
@@ -71,6 +81,8 @@ struct Report {
     /// What the large objects' passes before the fence and inside the window changed.
     large_objects_before: LargeObjectCounts,
     large_objects_window: LargeObjectCounts,
+    /// Materialized views copied again inside the window.
+    views_window: usize,
     fence_ms: i64,
     drain_ms: i64,
     objects_ms: i64,
@@ -741,7 +753,7 @@ impl Runner {
     fn before_fence(
         &mut self,
         databases: &[TaskDatabase],
-    ) -> Result<(Vec<Vec<LargeObjectState>>, LargeObjectCounts), Failure> {
+    ) -> Result<(Vec<Copied>, LargeObjectCounts), Failure> {
         TASK.exclusive().switchover.preparing = true;
         let outcome = self.copy_before_fence(databases);
         TASK.exclusive().switchover.preparing = false;
@@ -751,7 +763,7 @@ impl Runner {
     fn copy_before_fence(
         &mut self,
         databases: &[TaskDatabase],
-    ) -> Result<(Vec<Vec<LargeObjectState>>, LargeObjectCounts), Failure> {
+    ) -> Result<(Vec<Copied>, LargeObjectCounts), Failure> {
         let mut known = Vec::new();
         let mut total = LargeObjectCounts::default();
         let caller = self.task.started_by.unwrap_or(pg_sys::InvalidOid);
@@ -761,6 +773,19 @@ impl Runner {
                 .join(format!("switchover-large-objects-{ordinal}.json"));
             // Left by an earlier attempt: never taken for this one's.
             let _ = std::fs::remove_file(&path);
+            // Read before the jobs' own reads: a view refreshed in between
+            // differs inside the window and is copied again there.
+            let mut source = self
+                .connect(&database.datname, false)
+                .map_err(stop_failure)?;
+            let views = objects::materialized_view_states(&mut source);
+            source.close();
+            let views = views.map_err(|e| {
+                Failure::new(format!(
+                    "reading the materialized views of source database {}: {e}",
+                    database.datname
+                ))
+            })?;
             // No snapshot: each job reads the source as it is now.
             let jobs = vec![
                 Job {
@@ -792,7 +817,10 @@ impl Runner {
                 .map_err(stop_failure)?;
             }
             total.add(&pass.counts);
-            known.push(pass.objects);
+            known.push(Copied {
+                large_objects: pass.objects,
+                views,
+            });
         }
         Ok((known, total))
     }
@@ -862,7 +890,7 @@ impl Runner {
         request: &Request,
         started: Instant,
         fence: &mut Fence,
-        known: &[Vec<LargeObjectState>],
+        known: &[Copied],
     ) -> Result<Report, Failure> {
         let deadline = started + request.timeout;
         // The final position of each database: a marker written after the fence.
@@ -894,16 +922,20 @@ impl Runner {
 
         let objects_started = Instant::now();
         let mut large_objects_window = LargeObjectCounts::default();
+        let mut views_window = 0;
         for (ordinal, database) in databases.iter().enumerate() {
             let path = self
                 .work_dir
                 .join(format!("switchover-objects-{ordinal}.jsonl"));
-            let counts = self.export_objects(
+            let copied = known.get(ordinal);
+            let (counts, views) = self.export_objects(
                 &mut fence.sessions[ordinal],
-                known.get(ordinal).map_or(&[][..], Vec::as_slice),
+                copied.map_or(&[][..], |c| c.large_objects.as_slice()),
+                copied.map_or(&[][..], |c| c.views.as_slice()),
                 &path,
             )?;
             large_objects_window.add(&counts);
+            views_window += views;
             let job = Job {
                 kind: JobKind::ApplyObjects,
                 path: path.display().to_string(),
@@ -997,6 +1029,7 @@ impl Runner {
         let cleanup_ms = millis(cleanup_started);
         let report = Report {
             large_objects_window,
+            views_window,
             drain_ms,
             objects_ms,
             cleanup_ms,
@@ -1007,7 +1040,10 @@ impl Runner {
         self.event(
             None,
             "info",
-            &format!("switchover, inside the window: {large_objects_window}"),
+            &format!(
+                "switchover, inside the window: {large_objects_window}; \
+                 {views_window} materialized view(s) copied again"
+            ),
         )
         .map_err(stop_failure)?;
         let message = format!(
@@ -1208,6 +1244,7 @@ fn publish_outcome(outcome: Result<&Report, &Failure>) {
             exchange.large_objects_before = report.large_objects_before.changed() as i64;
             exchange.large_objects_window = report.large_objects_window.changed() as i64;
             exchange.large_object_bytes_window = report.large_objects_window.bytes;
+            exchange.views_window = report.views_window as i64;
             exchange.cleanup_ms = report.cleanup_ms;
             exchange.final_lsn = report.final_lsn.0;
             exchange.message.set("");

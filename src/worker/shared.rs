@@ -202,6 +202,8 @@ pub struct SwitchoverExchange {
     pub large_objects_before: i64,
     pub large_objects_window: i64,
     pub large_object_bytes_window: i64,
+    /// Materialized views copied again inside the window.
+    pub views_window: i64,
     /// The worker is in the pass before the fence (which the timeout does
     /// not bound: the source still takes writes).
     pub preparing: bool,

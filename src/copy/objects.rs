@@ -762,6 +762,73 @@ fn split_acl_items(text: &str) -> Vec<String> {
 mod tests {
     use super::*;
 
+    fn state(oid: u32, size: i64, digests: &[&str]) -> LargeObjectState {
+        LargeObjectState {
+            oid,
+            owner: Some("alice".into()),
+            acl: String::new(),
+            comment: None,
+            size,
+            digests: Some(digests.iter().map(|d| d.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn a_delta_moves_only_what_differs() {
+        const MB: i64 = LARGE_OBJECT_CHUNK;
+        let known = vec![
+            state(1, 3 * MB, &["a", "b", "c"]),
+            state(2, 2 * MB + 5, &["d", "e", "f"]),
+            state(3, 10, &["g"]),
+            state(4, 10, &["h"]),
+        ];
+        let mut source = vec![
+            // The middle megabyte changed.
+            state(1, 3 * MB, &["a", "B", "c"]),
+            // Cut to one megabyte.
+            state(2, MB, &["d"]),
+            // Unchanged data, new comment.
+            state(3, 10, &["g"]),
+            // 4 is gone; 5 is new.
+            state(5, MB + 1, &["i", "j"]),
+        ];
+        source[2].comment = Some("new".into());
+        let mut reads = Vec::new();
+        let mut objects = Vec::new();
+        let counts = large_object_delta(
+            &source,
+            &known,
+            &mut |oid, offset, length| {
+                reads.push((oid, offset, length));
+                Ok("\\x00".to_string())
+            },
+            &mut |object| {
+                objects.push(object);
+                Ok(())
+            },
+        )
+        .expect("delta");
+        assert_eq!(reads, vec![(1, MB, MB), (5, 0, 2 * MB)]);
+        assert_eq!(
+            (counts.created, counts.removed, counts.metadata, counts.data),
+            (1, 1, 1, 2)
+        );
+        assert!(objects.contains(&SourceObject::LargeObjectUnlink { oid: "4".into() }));
+        assert!(objects.contains(&SourceObject::LargeObjectTruncate {
+            oid: "2".into(),
+            length: MB
+        }));
+        // Nothing differs: nothing moves.
+        let none = large_object_delta(
+            &source,
+            &source,
+            &mut |_, _, _| unreachable!(),
+            &mut |_| unreachable!(),
+        )
+        .expect("delta");
+        assert!(none.is_empty());
+    }
+
     #[test]
     fn large_object_acls_become_grants() {
         let grants = large_object_grants(

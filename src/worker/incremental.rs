@@ -3,16 +3,18 @@
 //! moves the task from `catchup` to `incremental` once every database caught
 //! up, and carries out `cloudmig.switchover()`:
 //!
-//! 1. refuse unless the lag is under the limit and the apply's recent pace
-//!    drains it well within the timeout (so the source is not fenced for
-//!    nothing);
+//! 1. copy, while the source still writes, what changed in the large
+//!    objects since they were last copied, and the materialized views'
+//!    contents (the bulk of what is not streamed); then refuse unless the
+//!    lag is under the limit and the apply's recent pace drains it well
+//!    within the timeout (so the source is not fenced for nothing);
 //! 2. fence the source: every migrated database gets
 //!    `default_transaction_read_only = on` and the other sessions are
 //!    terminated (but exempted users), so no new write can start;
 //! 3. write a logical message in each database (its LSN is the final
 //!    position there) and wait until each apply worker has applied up to it;
-//! 4. set the sequences, copy the large objects again, refresh materialized
-//!    views;
+//! 4. set the sequences, copy what changed in the large objects and the
+//!    materialized views since step 1 (usually nothing);
 //! 5. stop the apply, drop the slots and publications on the source, mark
 //!    the task completed with the downtime and each step's duration.
 //!

@@ -246,7 +246,8 @@ pub enum JobKind {
     CopySequences = 3,
     /// Copy every large object at `snapshot`.
     CopyLargeObjects = 4,
-    /// Refresh every materialized view that is populated on the source.
+    /// Give every materialized view here the source's contents at
+    /// `snapshot` (or as the source is now, without one); see `copy::matview`.
     RefreshMaterializedViews = 5,
     /// Count (and with `checksums`, checksum) the rows of the tables listed
     /// in `path`, writing the results beside it (`.out`).

@@ -646,6 +646,9 @@ impl Runner {
         let before_started = Instant::now();
         let (known, large_objects_before) = self.before_fence(databases)?;
         let before_fence_ms = millis(before_started);
+        // The follow loop did not read the source's position meanwhile: the
+        // lag below must not be judged on an old one.
+        self.refresh_source_position(databases)?;
         let lag = APPLY
             .share()
             .iter()
@@ -749,9 +752,9 @@ impl Runner {
     /// Before the fence, per database: copies what changed in the large
     /// objects since they were last copied (a database worker compares
     /// digests of each object's chunks on both sides and moves only the
-    /// differing ones) and refreshes the materialized views. Returns the
-    /// large objects as copied, for the pass inside the window to compare
-    /// with, and what changed.
+    /// differing ones) and gives the materialized views the source's
+    /// contents. Returns the large objects as copied and the views' states,
+    /// for the pass inside the window to compare with, and what changed.
     fn before_fence(
         &mut self,
         databases: &[TaskDatabase],
@@ -760,6 +763,27 @@ impl Runner {
         let outcome = self.copy_before_fence(databases);
         TASK.exclusive().switchover.preparing = false;
         outcome
+    }
+
+    /// Reads the source's current WAL position into the apply slots, as the
+    /// follow loop does every second.
+    fn refresh_source_position(&mut self, databases: &[TaskDatabase]) -> Result<(), Failure> {
+        let Some(first) = databases.first() else {
+            return Ok(());
+        };
+        let mut source = self.connect(&first.datname, false).map_err(stop_failure)?;
+        let rows = source.simple_query("SELECT pg_catalog.pg_current_wal_lsn()::text AS lsn");
+        source.close();
+        let lsn = rows
+            .map_err(|e| Failure::from_source("reading the source's position", &e))?
+            .first()
+            .and_then(|r| r.get("lsn"))
+            .and_then(|l| l.parse::<Lsn>().ok())
+            .ok_or_else(|| Failure::new("the source returned no WAL position"))?;
+        for slot in APPLY.exclusive().iter_mut().take(databases.len()) {
+            slot.source_lsn = lsn.0;
+        }
+        Ok(())
     }
 
     fn copy_before_fence(

@@ -79,6 +79,25 @@ fn only_changed_large_objects_move_and_materialized_views_keep_the_sources_conte
         "mv_stale must differ from its query's result now"
     );
 
+    // A first switchover is abandoned (verification finds a table differing here) after its pass
+    // before the fence copied every view; the next pass copies only those changed since.
+    let mut here = dest.client("app");
+    here.batch_execute("DELETE FROM base_conc WHERE id = 1")
+        .expect("delete here");
+    dest.client("postgres")
+        .query_one(
+            "SELECT * FROM cloudmig.switchover($1, '{\"verify\": true}')",
+            &[&task],
+        )
+        .expect_err("a differing table must stop the switchover");
+    here.batch_execute("INSERT INTO base_conc VALUES (1, 'c1')")
+        .expect("repair here");
+    source.execute(
+        "app",
+        "UPDATE base_plain SET v = v || '?' WHERE id = 20;
+         REFRESH MATERIALIZED VIEW mv_plain;",
+    );
+
     // mv_busy is refreshed over and over until the fence ends the session: the refreshes after
     // the pass before the fence read it are found inside the window.
     let mut busy = source.client("app");
@@ -106,8 +125,13 @@ fn only_changed_large_objects_move_and_materialized_views_keep_the_sources_conte
     let (before, in_window, window_bytes, views_in_window): (i64, i64, i64, i64) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     let log = events(&dest, task);
-    // 3008 created, 3004 removed, 3005-3007 new metadata, 3002 and 3003 new data.
-    assert_eq!(before, 7, "{log}");
+    // The abandoned attempt's pass copied the large objects' changes: 3008 created, 3004
+    // removed, 3005-3007 new metadata, 3002 and 3003 new data. Nothing was left for this one.
+    assert!(
+        log.contains("1 created, 1 removed, 3 with new owner/privileges/comment, 2 with new data"),
+        "{log}"
+    );
+    assert_eq!(before, 0, "{log}");
     assert_eq!((in_window, window_bytes), (0, 0), "{log}");
     // mv_busy alone changed after the pass before the fence.
     assert_eq!(views_in_window, 1, "{log}");
@@ -117,7 +141,7 @@ fn only_changed_large_objects_move_and_materialized_views_keep_the_sources_conte
         "postgres",
         &format!(
             "SELECT substring(message FROM '\\((\\d+) bytes copied\\)')::bigint FROM cloudmig.events \
-              WHERE task_id = {task} AND message LIKE 'switchover, before the fence:%'"
+              WHERE task_id = {task} AND message LIKE 'switchover, before the fence:%bytes copied%'"
         ),
     );
     assert!(
@@ -125,6 +149,25 @@ fn only_changed_large_objects_move_and_materialized_views_keep_the_sources_conte
         "{copied} bytes copied before the fence\n{log}"
     );
     assert!(copied < BIG_BYTES / 10);
+    // Every view in the first pass; in the second, mv_plain (refreshed since) and perhaps mv_busy.
+    let passes: Vec<String> = dest
+        .client("postgres")
+        .query(
+            "SELECT substring(message FROM '(\\d+ of \\d+) materialized') FROM cloudmig.events \
+              WHERE task_id = $1 AND message LIKE 'switchover, before the fence: % materialized%' \
+              ORDER BY id",
+            &[&task],
+        )
+        .expect("events")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        passes.len() == 2
+            && passes[0] == "5 of 5"
+            && ["1 of 5", "2 of 5"].contains(&passes[1].as_str()),
+        "{passes:?}\n{log}"
+    );
 
     migration::reopen_source(&source);
     assert_same_large_objects(&source, &dest, "app");

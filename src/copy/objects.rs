@@ -478,12 +478,13 @@ fn unpopulate(qualified: &str, caller: pgrx::pg_sys::Oid) -> Result<(), ObjectsE
     Ok(())
 }
 
-/// Gives every materialized view here the source session's contents (see
-/// [`super::matview`]); one unpopulated there becomes unpopulated here.
-/// Returns how many were copied.
+/// Gives every materialized view here (or those of `only`, as (schema,
+/// name)) the source session's contents (see [`super::matview`]); one
+/// unpopulated there becomes unpopulated here. Returns how many were copied.
 pub fn copy_materialized_views(
     source: &mut Connection,
     caller: pgrx::pg_sys::Oid,
+    only: Option<&[(String, String)]>,
 ) -> Result<usize, ObjectsError> {
     let views = source.simple_query(
         "SELECT schemaname::text AS schema, matviewname::text AS name, \
@@ -494,6 +495,13 @@ pub fn copy_materialized_views(
     for view in &views {
         let schema = view.try_get("schema")?.unwrap_or_default();
         let name = view.try_get("name")?.unwrap_or_default();
+        if only.is_some_and(|only| {
+            !only
+                .iter()
+                .any(|(s, n)| s.as_str() == schema && n.as_str() == name)
+        }) {
+            continue;
+        }
         let qualified = format!(
             "{}.{}",
             crate::source::quote_ident(schema),

@@ -205,8 +205,20 @@ fn run_job(
         }
         JobKind::RefreshMaterializedViews => {
             let connection = session_for(session, database, &snapshot)?;
+            // With a path: only the views it lists (JSON, [schema, name]s).
+            let path = job.path.get();
+            let only: Option<Vec<(String, String)>> = if path.is_empty() {
+                None
+            } else {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
+                Some(
+                    serde_json::from_str(&text)
+                        .map_err(|e| Failure::new(format!("{path}: {e}")))?,
+                )
+            };
             txn::run(|| {
-                objects::copy_materialized_views(connection, job.caller)
+                objects::copy_materialized_views(connection, job.caller, only.as_deref())
                     .map(|_| ())
                     .map_err(objects_failure)
             })

@@ -812,6 +812,26 @@ impl Runner {
                     database.datname
                 ))
             })?;
+            // What an earlier pass copied (the states it read before
+            // copying, so the rows here are at least that new): only the
+            // views changed since are copied again. Nothing else changes the
+            // views here. The first pass copies them all.
+            let record = self
+                .work_dir
+                .join(format!("switchover-views-{ordinal}.json"));
+            let earlier: Option<Vec<MaterializedViewState>> = std::fs::read_to_string(&record)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok());
+            let changed: Vec<(String, String)> = views
+                .iter()
+                .filter(|view| earlier.as_ref().is_none_or(|e| !e.contains(view)))
+                .map(|view| (view.schema.clone(), view.name.clone()))
+                .collect();
+            let list = self
+                .work_dir
+                .join(format!("switchover-views-{ordinal}.todo.json"));
+            std::fs::write(&list, serde_json::to_string(&changed).unwrap_or_default())
+                .map_err(|e| Failure::new(format!("could not write {}: {e}", list.display())))?;
             // No snapshot: each job reads the source as it is now.
             let jobs = vec![
                 Job {
@@ -822,6 +842,7 @@ impl Runner {
                 },
                 Job {
                     kind: JobKind::RefreshMaterializedViews,
+                    path: list.display().to_string(),
                     caller,
                     ..Job::default()
                 },
@@ -830,6 +851,20 @@ impl Runner {
                 Ok(())
             })
             .map_err(stop_failure)?;
+            std::fs::write(&record, serde_json::to_string(&views).unwrap_or_default())
+                .map_err(|e| Failure::new(format!("could not write {}: {e}", record.display())))?;
+            if !changed.is_empty() {
+                self.event(
+                    Some(&database.datname),
+                    "info",
+                    &format!(
+                        "switchover, before the fence: {} of {} materialized view(s) copied",
+                        changed.len(),
+                        views.len()
+                    ),
+                )
+                .map_err(stop_failure)?;
+            }
             let pass: LargeObjectPass = std::fs::read_to_string(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))

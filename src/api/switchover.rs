@@ -78,6 +78,11 @@ fn switchover(
         name!(sequences_ms, i64),
         name!(cleanup_ms, i64),
         name!(final_lsn, String),
+        name!(before_fence_ms, i64),
+        name!(large_objects_before_fence, i64),
+        name!(large_objects_in_window, i64),
+        name!(large_object_bytes_in_window, i64),
+        name!(materialized_views_in_window, i64),
     ),
 > {
     if !options.0.is_object() {
@@ -141,8 +146,14 @@ fn switchover(
     }
     shared::wake(worker);
     // The worker gives up at the timeout; allow it time to undo the fence.
-    let deadline = Instant::now() + Duration::from_secs(options.timeout_seconds as u64 + 60);
+    let allowance = Duration::from_secs(options.timeout_seconds as u64 + 60);
+    let mut deadline = Instant::now() + allowance;
     loop {
+        // The pass before the fence copies what changed since the copy, as
+        // long as that takes: the timeout counts from its end.
+        if TASK.share().switchover.preparing {
+            deadline = Instant::now() + allowance;
+        }
         let outcome = {
             let activity = TASK.share();
             let exchange = activity.switchover;
@@ -169,6 +180,11 @@ fn switchover(
                 exchange.objects_ms,
                 exchange.cleanup_ms,
                 Lsn(exchange.final_lsn).to_string(),
+                exchange.before_fence_ms,
+                exchange.large_objects_before,
+                exchange.large_objects_window,
+                exchange.large_object_bytes_window,
+                exchange.views_window,
             );
             pgrx::notice!(
                 "task {task} completed: downtime {} ms; the source databases are read-only now \

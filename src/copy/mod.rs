@@ -4,6 +4,7 @@
 //! with no client connection back into this server.
 
 pub mod into_table;
+pub mod matview;
 pub mod objects;
 
 /// The tables to copy, largest first (runs on the source, in the snapshot).

@@ -243,16 +243,36 @@ fn run_job(
         }
         JobKind::CopyLargeObjects => {
             let connection = session_for(session, database, &snapshot)?;
-            txn::run(|| {
-                objects::copy_large_objects(connection)
-                    .map(|_| ())
-                    .map_err(objects_failure)
-            })
+            // With a path: what was copied, for the switchover's pass inside
+            // its window to compare with.
+            let path = job.path.get();
+            let (objects, counts) = txn::run(|| {
+                objects::copy_large_objects(connection, !path.is_empty()).map_err(objects_failure)
+            })?;
+            if path.is_empty() {
+                return Ok(());
+            }
+            let pass = objects::LargeObjectPass { objects, counts };
+            let text = serde_json::to_string(&pass).map_err(|e| Failure::new(e.to_string()))?;
+            std::fs::write(&path, text)
+                .map_err(|e| Failure::new(format!("could not write {path}: {e}")))
         }
         JobKind::RefreshMaterializedViews => {
             let connection = session_for(session, database, &snapshot)?;
+            // With a path: only the views it lists (JSON, [schema, name]s).
+            let path = job.path.get();
+            let only: Option<Vec<(String, String)>> = if path.is_empty() {
+                None
+            } else {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| Failure::new(format!("could not read {path}: {e}")))?;
+                Some(
+                    serde_json::from_str(&text)
+                        .map_err(|e| Failure::new(format!("{path}: {e}")))?,
+                )
+            };
             txn::run(|| {
-                objects::refresh_materialized_views(connection, job.caller)
+                objects::copy_materialized_views(connection, job.caller, only.as_deref())
                     .map(|_| ())
                     .map_err(objects_failure)
             })

@@ -278,14 +278,20 @@ impl Runner {
 }
 
 impl Runner {
-    /// Reads the database's sequences, large objects and populated
-    /// materialized views through the fence's session into `path` (JSON
-    /// lines) for a database worker's ApplyObjects job.
+    /// Reads the database's sequences, what changed in its large objects
+    /// since `known` (what the pass before the fence copied), and the rows
+    /// of the materialized views whose state changed since `views` (read
+    /// before that pass), through the fence's session into `path` (JSON
+    /// lines; each view's rows in a file beside it) for a database worker's
+    /// ApplyObjects job. Returns what the large objects' delta holds and how
+    /// many views it has.
     pub(super) fn export_objects(
         &self,
         session: &mut Connection,
+        known: &[crate::copy::objects::LargeObjectState],
+        views: &[crate::copy::objects::MaterializedViewState],
         path: &std::path::Path,
-    ) -> Result<(), Failure> {
+    ) -> Result<(crate::copy::objects::LargeObjectCounts, usize), Failure> {
         use crate::copy::objects::{self, ObjectsError, SourceObject};
         use std::io::Write;
         let file = std::fs::File::create(path)
@@ -296,15 +302,62 @@ impl Runner {
                 serde_json::to_string(&object).map_err(|e| ObjectsError::File(e.to_string()))?;
             writeln!(out, "{line}").map_err(|e| ObjectsError::File(e.to_string()))
         };
-        let read = objects::read_sequences(session, &mut write)
-            .and_then(|_| objects::read_large_objects(session, &mut write))
-            .and_then(|_| objects::read_materialized_views(session, &mut write));
-        read.map_err(|e| {
+        let mut read = || -> Result<(objects::LargeObjectCounts, usize), ObjectsError> {
+            objects::read_sequences(session, &mut write)?;
+            let theirs = objects::source_large_objects(session, true)?;
+            let counts = objects::large_object_delta(
+                &theirs,
+                known,
+                &mut |oid, offset, length| objects::read_large_object(session, oid, offset, length),
+                &mut write,
+            )?;
+            let mut changed = 0;
+            for (index, view) in objects::materialized_view_states(session)?
+                .into_iter()
+                .filter(|view| !views.contains(view))
+                .enumerate()
+            {
+                changed += 1;
+                let rows = if view.populated {
+                    let rows = path.with_extension(format!("view-{index}.copy"));
+                    copy_to_file(session, &view, &rows)?;
+                    Some(rows.display().to_string())
+                } else {
+                    None
+                };
+                write(SourceObject::MaterializedView {
+                    schema: view.schema,
+                    name: view.name,
+                    populated: view.populated,
+                    rows,
+                })?;
+            }
+            Ok((counts, changed))
+        };
+        let counts = read().map_err(|e| {
             Failure::new(format!(
                 "reading sequences and large objects on the source: {e}"
             ))
         })?;
         out.flush()
-            .map_err(|e| Failure::new(format!("could not write {}: {e}", path.display())))
+            .map_err(|e| Failure::new(format!("could not write {}: {e}", path.display())))?;
+        Ok(counts)
     }
+}
+
+/// Writes materialized view `view`'s rows on the source (COPY text) to `path`.
+fn copy_to_file(
+    session: &mut Connection,
+    view: &crate::copy::objects::MaterializedViewState,
+    path: &std::path::Path,
+) -> Result<(), crate::copy::objects::ObjectsError> {
+    use crate::copy::objects::{materialized_view_copy, ObjectsError};
+    use std::io::Write;
+    let failed = |e: std::io::Error| ObjectsError::File(format!("{}: {e}", path.display()));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(failed)?);
+    let mut copy = session.copy_out(&materialized_view_copy(&view.schema, &view.name))?;
+    while let Some(chunk) = copy.next_chunk()? {
+        out.write_all(&chunk).map_err(failed)?;
+    }
+    out.flush().map_err(failed)
 }

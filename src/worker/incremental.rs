@@ -3,16 +3,18 @@
 //! moves the task from `catchup` to `incremental` once every database caught
 //! up, and carries out `cloudmig.switchover()`:
 //!
-//! 1. refuse unless the lag is under the limit and the apply's recent pace
-//!    drains it well within the timeout (so the source is not fenced for
-//!    nothing);
+//! 1. copy, while the source still writes, what changed in the large
+//!    objects since they were last copied, and the materialized views'
+//!    contents (the bulk of what is not streamed); then refuse unless the
+//!    lag is under the limit and the apply's recent pace drains it well
+//!    within the timeout (so the source is not fenced for nothing);
 //! 2. fence the source: every migrated database gets
 //!    `default_transaction_read_only = on` and the other sessions are
 //!    terminated (but exempted users), so no new write can start;
 //! 3. write a logical message in each database (its LSN is the final
 //!    position there) and wait until each apply worker has applied up to it;
-//! 4. set the sequences, copy the large objects again, refresh materialized
-//!    views;
+//! 4. set the sequences, copy what changed in the large objects and the
+//!    materialized views since step 1 (usually nothing);
 //! 5. stop the apply, drop the slots and publications on the source, mark
 //!    the task completed with the downtime and each step's duration.
 //!
@@ -28,6 +30,9 @@ use super::slot_watch::{self, SlotWatch};
 use super::task::Runner;
 use super::txn::{self, Failure};
 use crate::catalog::tasks::{self, Phase, TaskDatabase};
+use crate::copy::objects::{
+    self, LargeObjectCounts, LargeObjectPass, LargeObjectState, MaterializedViewState,
+};
 use crate::source::{quote_ident, quote_literal, Connection, Lsn, SourceError};
 use pgrx::bgworkers::{BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
@@ -62,9 +67,24 @@ pub fn verify_file(task_id: i64) -> std::path::PathBuf {
     super::task::work_dir(task_id).join("verify.tsv")
 }
 
+/// What the pass before the fence copied of one database.
+struct Copied {
+    /// Its large objects, as copied.
+    large_objects: Vec<LargeObjectState>,
+    /// Its materialized views' states, as read before the copy.
+    views: Vec<MaterializedViewState>,
+}
+
 /// Step durations of a completed switchover.
 #[derive(Default)]
 struct Report {
+    /// The pass before the fence (large objects, materialized views).
+    before_fence_ms: i64,
+    /// What the large objects' passes before the fence and inside the window changed.
+    large_objects_before: LargeObjectCounts,
+    large_objects_window: LargeObjectCounts,
+    /// Materialized views copied again inside the window.
+    views_window: usize,
     fence_ms: i64,
     drain_ms: i64,
     objects_ms: i64,
@@ -536,7 +556,19 @@ impl Runner {
                 if let Some(connection) = source.take() {
                     connection.close();
                 }
-                match self.switchover(databases, workers, &request, &mut pace) {
+                let outcome = self
+                    .record_apply_outages(databases, &mut outage_attempts)
+                    .map_err(stop_failure)
+                    .and_then(|()| {
+                        self.switchover(
+                            databases,
+                            workers,
+                            &request,
+                            &mut pace,
+                            &mut outage_attempts,
+                        )
+                    });
+                match outcome {
                     Ok(report) => {
                         publish_outcome(Ok(&report));
                         return Ok(());
@@ -562,6 +594,7 @@ impl Runner {
         workers: &mut [Option<DynamicBackgroundWorker>],
         request: &Request,
         pace: &mut Pace,
+        outage_attempts: &mut [u32],
     ) -> Result<Report, Failure> {
         if self.task.phase != Phase::Incremental {
             return Err(Failure::with_hint(
@@ -582,6 +615,10 @@ impl Runner {
         // to stream again, then refuse while the source is still writable.
         let reconnect_until = Instant::now() + request.timeout / 4;
         loop {
+            // An apply that streams again says so before the switchover
+            // goes on (its 'streaming again' event comes first).
+            self.record_apply_outages(databases, outage_attempts)
+                .map_err(stop_failure)?;
             let reconnecting = {
                 let slots = APPLY.share();
                 databases
@@ -604,6 +641,14 @@ impl Runner {
             }
             txn::nap(Duration::from_millis(200));
         }
+        // The bulk of what is not streamed, while the source still writes:
+        // the window then only has what changes after this.
+        let before_started = Instant::now();
+        let (known, large_objects_before) = self.before_fence(databases)?;
+        let before_fence_ms = millis(before_started);
+        // The follow loop did not read the source's position meanwhile: the
+        // lag below must not be judged on an old one.
+        self.refresh_source_position(databases)?;
         let lag = APPLY
             .share()
             .iter()
@@ -689,14 +734,156 @@ impl Runner {
             )
             .and_then(|()| {
                 let fence_ms = millis(started);
-                self.drain_and_finish(databases, workers, request, started, &mut fence)
-                    .map(|report| Report { fence_ms, ..report })
+                self.drain_and_finish(databases, workers, request, started, &mut fence, &known)
+                    .map(|report| Report {
+                        fence_ms,
+                        before_fence_ms,
+                        large_objects_before,
+                        ..report
+                    })
             });
         if outcome.is_err() {
             self.unfence(databases, Some(&mut fence));
         }
         fence.close();
         outcome
+    }
+
+    /// Before the fence, per database: copies what changed in the large
+    /// objects since they were last copied (a database worker compares
+    /// digests of each object's chunks on both sides and moves only the
+    /// differing ones) and gives the materialized views the source's
+    /// contents. Returns the large objects as copied and the views' states,
+    /// for the pass inside the window to compare with, and what changed.
+    fn before_fence(
+        &mut self,
+        databases: &[TaskDatabase],
+    ) -> Result<(Vec<Copied>, LargeObjectCounts), Failure> {
+        TASK.exclusive().switchover.preparing = true;
+        let outcome = self.copy_before_fence(databases);
+        TASK.exclusive().switchover.preparing = false;
+        outcome
+    }
+
+    /// Reads the source's current WAL position into the apply slots, as the
+    /// follow loop does every second.
+    fn refresh_source_position(&mut self, databases: &[TaskDatabase]) -> Result<(), Failure> {
+        let Some(first) = databases.first() else {
+            return Ok(());
+        };
+        let mut source = self.connect(&first.datname, false).map_err(stop_failure)?;
+        let rows = source.simple_query("SELECT pg_catalog.pg_current_wal_lsn()::text AS lsn");
+        source.close();
+        let lsn = rows
+            .map_err(|e| Failure::from_source("reading the source's position", &e))?
+            .first()
+            .and_then(|r| r.get("lsn"))
+            .and_then(|l| l.parse::<Lsn>().ok())
+            .ok_or_else(|| Failure::new("the source returned no WAL position"))?;
+        for slot in APPLY.exclusive().iter_mut().take(databases.len()) {
+            slot.source_lsn = lsn.0;
+        }
+        Ok(())
+    }
+
+    fn copy_before_fence(
+        &mut self,
+        databases: &[TaskDatabase],
+    ) -> Result<(Vec<Copied>, LargeObjectCounts), Failure> {
+        let mut known = Vec::new();
+        let mut total = LargeObjectCounts::default();
+        let caller = self.task.started_by.unwrap_or(pg_sys::InvalidOid);
+        for (ordinal, database) in databases.iter().enumerate() {
+            let path = self
+                .work_dir
+                .join(format!("switchover-large-objects-{ordinal}.json"));
+            // Left by an earlier attempt: never taken for this one's.
+            let _ = std::fs::remove_file(&path);
+            // Read before the jobs' own reads: a view refreshed in between
+            // differs inside the window and is copied again there.
+            let mut source = self
+                .connect(&database.datname, false)
+                .map_err(stop_failure)?;
+            let views = objects::materialized_view_states(&mut source);
+            source.close();
+            let views = views.map_err(|e| {
+                Failure::new(format!(
+                    "reading the materialized views of source database {}: {e}",
+                    database.datname
+                ))
+            })?;
+            // What an earlier pass copied (the states it read before
+            // copying, so the rows here are at least that new): only the
+            // views changed since are copied again. Nothing else changes the
+            // views here. The first pass copies them all.
+            let record = self
+                .work_dir
+                .join(format!("switchover-views-{ordinal}.json"));
+            let earlier: Option<Vec<MaterializedViewState>> = std::fs::read_to_string(&record)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok());
+            let changed: Vec<(String, String)> = views
+                .iter()
+                .filter(|view| earlier.as_ref().is_none_or(|e| !e.contains(view)))
+                .map(|view| (view.schema.clone(), view.name.clone()))
+                .collect();
+            let list = self
+                .work_dir
+                .join(format!("switchover-views-{ordinal}.todo.json"));
+            std::fs::write(&list, serde_json::to_string(&changed).unwrap_or_default())
+                .map_err(|e| Failure::new(format!("could not write {}: {e}", list.display())))?;
+            // No snapshot: each job reads the source as it is now.
+            let jobs = vec![
+                Job {
+                    kind: JobKind::CopyLargeObjects,
+                    path: path.display().to_string(),
+                    caller,
+                    ..Job::default()
+                },
+                Job {
+                    kind: JobKind::RefreshMaterializedViews,
+                    path: list.display().to_string(),
+                    caller,
+                    ..Job::default()
+                },
+            ];
+            self.run_jobs(&database.datname, jobs, 1, &mut |_| Ok(()), &mut |_, _| {
+                Ok(())
+            })
+            .map_err(stop_failure)?;
+            std::fs::write(&record, serde_json::to_string(&views).unwrap_or_default())
+                .map_err(|e| Failure::new(format!("could not write {}: {e}", record.display())))?;
+            if !changed.is_empty() {
+                self.event(
+                    Some(&database.datname),
+                    "info",
+                    &format!(
+                        "switchover, before the fence: {} of {} materialized view(s) copied",
+                        changed.len(),
+                        views.len()
+                    ),
+                )
+                .map_err(stop_failure)?;
+            }
+            let pass: LargeObjectPass = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+                .map_err(|e| Failure::new(format!("could not read {}: {e}", path.display())))?;
+            if !pass.counts.is_empty() {
+                self.event(
+                    Some(&database.datname),
+                    "info",
+                    &format!("switchover, before the fence: {}", pass.counts),
+                )
+                .map_err(stop_failure)?;
+            }
+            total.add(&pass.counts);
+            known.push(Copied {
+                large_objects: pass.objects,
+                views,
+            });
+        }
+        Ok((known, total))
     }
 
     /// Writes a marker (a logical message) in each database through the
@@ -764,6 +951,7 @@ impl Runner {
         request: &Request,
         started: Instant,
         fence: &mut Fence,
+        known: &[Copied],
     ) -> Result<Report, Failure> {
         let deadline = started + request.timeout;
         // The final position of each database: a marker written after the fence.
@@ -794,11 +982,21 @@ impl Runner {
         }
 
         let objects_started = Instant::now();
+        let mut large_objects_window = LargeObjectCounts::default();
+        let mut views_window = 0;
         for (ordinal, database) in databases.iter().enumerate() {
             let path = self
                 .work_dir
                 .join(format!("switchover-objects-{ordinal}.jsonl"));
-            self.export_objects(&mut fence.sessions[ordinal], &path)?;
+            let copied = known.get(ordinal);
+            let (counts, views) = self.export_objects(
+                &mut fence.sessions[ordinal],
+                copied.map_or(&[][..], |c| c.large_objects.as_slice()),
+                copied.map_or(&[][..], |c| c.views.as_slice()),
+                &path,
+            )?;
+            large_objects_window.add(&counts);
+            views_window += views;
             let job = Job {
                 kind: JobKind::ApplyObjects,
                 path: path.display().to_string(),
@@ -891,13 +1089,24 @@ impl Runner {
         }
         let cleanup_ms = millis(cleanup_started);
         let report = Report {
-            fence_ms: 0,
+            large_objects_window,
+            views_window,
             drain_ms,
             objects_ms,
             cleanup_ms,
             downtime_ms,
             final_lsn: markers.iter().copied().max().unwrap_or_default(),
+            ..Report::default()
         };
+        self.event(
+            None,
+            "info",
+            &format!(
+                "switchover, inside the window: {large_objects_window}; \
+                 {views_window} materialized view(s) copied again"
+            ),
+        )
+        .map_err(stop_failure)?;
         let message = format!(
             "downtime {} ms (fence, drain {} ms, sequences and large objects {} ms; then cleanup {} ms); \
              final source LSN {}; the source databases stay read-only and refuse connections",
@@ -1092,6 +1301,11 @@ fn publish_outcome(outcome: Result<&Report, &Failure>) {
             exchange.fence_ms = report.fence_ms;
             exchange.drain_ms = report.drain_ms;
             exchange.objects_ms = report.objects_ms;
+            exchange.before_fence_ms = report.before_fence_ms;
+            exchange.large_objects_before = report.large_objects_before.changed() as i64;
+            exchange.large_objects_window = report.large_objects_window.changed() as i64;
+            exchange.large_object_bytes_window = report.large_objects_window.bytes;
+            exchange.views_window = report.views_window as i64;
             exchange.cleanup_ms = report.cleanup_ms;
             exchange.final_lsn = report.final_lsn.0;
             exchange.message.set("");

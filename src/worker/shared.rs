@@ -196,6 +196,17 @@ pub struct SwitchoverExchange {
     pub drain_ms: i64,
     pub objects_ms: i64,
     pub cleanup_ms: i64,
+    /// The pass before the fence, and the large objects created, removed or
+    /// changed by it and inside the window (with the bytes moved there).
+    pub before_fence_ms: i64,
+    pub large_objects_before: i64,
+    pub large_objects_window: i64,
+    pub large_object_bytes_window: i64,
+    /// Materialized views copied again inside the window.
+    pub views_window: i64,
+    /// The worker is in the pass before the fence (which the timeout does
+    /// not bound: the source still takes writes).
+    pub preparing: bool,
     /// The source's LSN at the fence (the last database's marker).
     pub final_lsn: u64,
 }
@@ -238,7 +249,8 @@ pub enum JobKind {
     CopySequences = 3,
     /// Copy every large object at `snapshot`.
     CopyLargeObjects = 4,
-    /// Refresh every materialized view that is populated on the source.
+    /// Give every materialized view here the source's contents at
+    /// `snapshot` (or as the source is now, without one); see `copy::matview`.
     RefreshMaterializedViews = 5,
     /// Count (and with `checksums`, checksum) the rows of the tables listed
     /// in `path`, writing the results beside it (`.out`).

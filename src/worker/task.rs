@@ -15,8 +15,8 @@
 //!   the worker that copied it right after its rows, as `pg_restore -j` does;
 //!   then sequences and large objects at the same snapshot;
 //! * `post_data`: the rest of post-data (foreign keys, triggers, rules,
-//!   policies, ...), then materialized views refreshed; the snapshots are
-//!   released.
+//!   policies, ...), then materialized views given the source's rows at the
+//!   snapshot; the snapshots are released.
 //!
 //! Resuming (the worker died or the destination restarted): every step is
 //! recorded per database and per table, so a new worker continues where the
@@ -1334,7 +1334,7 @@ impl Runner {
             self.event(
                 Some(&datname),
                 "info",
-                "foreign keys, triggers and the rest of post-data created; materialized views refreshed",
+                "foreign keys, triggers and the rest of post-data created; materialized views hold the source's rows",
             )?;
         }
         Ok(())

@@ -889,12 +889,22 @@ impl Runner {
     /// Writes a marker (a logical message) in each database through the
     /// fence's sessions; its position is where that database's stream must
     /// have been applied up to.
+    ///
+    /// A non-transactional message is not flushed by itself, and a walsender
+    /// sends only flushed WAL: it would wait for the source's WAL writer
+    /// (`wal_writer_delay`, 200 ms by default), twice in the window. So the
+    /// same transaction takes a transaction id, whose commit, synchronous on
+    /// the source alone (`local`: no wait for a standby), flushes the message
+    /// too. The transaction changes nothing, and pgoutput sends no empty
+    /// transaction, so the apply never sees it.
     fn write_markers(&self, fence: &mut Fence, what: &str) -> Result<Vec<Lsn>, Failure> {
         let mut markers = Vec::new();
         for session in fence.sessions.iter_mut() {
             let rows = session
                 .simple_query(&format!(
-                    "SELECT pg_catalog.pg_logical_emit_message(false, {}, {})::text AS lsn",
+                    "SET synchronous_commit = local; \
+                     SELECT pg_catalog.pg_logical_emit_message(false, {}, {})::text AS lsn, \
+                            pg_catalog.txid_current() AS flushed_by_commit",
                     quote_literal(MESSAGE_PREFIX),
                     quote_literal(what)
                 ))

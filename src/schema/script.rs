@@ -98,6 +98,26 @@ pub enum StepKind {
     SuperuserOnly,
 }
 
+/// The statements of a script without meta-commands (what follows the
+/// `\connect` of a split script), each with its class; a meta-command, or a
+/// statement that reads differently with standard_conforming_strings off,
+/// refuses the whole script.
+fn classified(script: &str) -> Result<Vec<(String, Class)>, ScriptError> {
+    lexer::lex(script)?
+        .into_iter()
+        .map(|item| match item {
+            Item::Statement(statement) => {
+                refuse_standard_strings_off(&statement)?;
+                let class = classify(&statement);
+                Ok((statement, class))
+            }
+            Item::MetaCommand { name, line, .. } => {
+                Err(ScriptError::UnexpectedMetaCommand { name, line })
+            }
+        })
+        .collect()
+}
+
 /// The steps of a script without meta-commands (`SplitScript::after_connect`):
 /// `SET SESSION AUTHORIZATION 'x'` / `DEFAULT` and `RESET SESSION
 /// AUTHORIZATION` (pg_dump's grantor switches around GRANTs) are read, not
@@ -109,15 +129,8 @@ pub enum StepKind {
 pub fn steps(script: &str) -> Result<Vec<Step>, ScriptError> {
     let mut owner: Option<String> = None;
     let mut out = Vec::new();
-    for item in lexer::lex(script)? {
-        let statement = match item {
-            Item::Statement(statement) => statement,
-            Item::MetaCommand { name, line, .. } => {
-                return Err(ScriptError::UnexpectedMetaCommand { name, line })
-            }
-        };
-        refuse_standard_strings_off(&statement)?;
-        match classify(&statement) {
+    for (statement, class) in classified(script)? {
+        match class {
             Class::Authorization(role) => owner = role,
             Class::Unexpected => {
                 return Err(ScriptError::UnexpectedStatement {
@@ -391,15 +404,8 @@ pub fn split_post_data(
     let mut authorization: Option<String> = None;
     let mut tables: Vec<((String, String), Vec<String>)> = Vec::new();
     let mut rest = Vec::new();
-    for item in lexer::lex(after_connect)? {
-        let statement = match item {
-            Item::Statement(statement) => statement,
-            Item::MetaCommand { name, line, .. } => {
-                return Err(ScriptError::UnexpectedMetaCommand { name, line })
-            }
-        };
-        refuse_standard_strings_off(&statement)?;
-        match classify(&statement) {
+    for (statement, class) in classified(after_connect)? {
+        match class {
             Class::Authorization(_) => authorization = Some(statement.clone()),
             Class::Setting => {
                 // The latest value of each setting is the one in force.

@@ -571,6 +571,74 @@ fn indexes_are_built_per_table_and_a_crash_between_rows_and_indexes_resumes() {
     }
 }
 
+/// Two databases, each with a large table: with two copy workers the copy is one queue across
+/// databases, largest tables first, so each database's largest table is handed out at once and
+/// the two copies overlap (`table_progress` start and finish times). Both databases end up equal
+/// to the source, each recorded as copied with its own event.
+#[test]
+fn two_databases_are_copied_at_the_same_time() {
+    let started = Instant::now();
+    let source = source("twodb-src", SUPERUSER_MIGRATOR_SQL)
+        .init_sql("CREATE DATABASE one")
+        .init_sql("CREATE DATABASE two")
+        .start();
+    for (db, big) in [("one", 300_000), ("two", 200_000)] {
+        source.execute(
+            db,
+            &format!(
+                "CREATE TABLE public.big (id int PRIMARY KEY, a text, b text);
+                 INSERT INTO public.big
+                     SELECT g, md5(g::text), md5((g * 7)::text) FROM generate_series(1, {big}) g;
+                 CREATE TABLE public.small (id int PRIMARY KEY, note text);
+                 INSERT INTO public.small SELECT g, 'n' || g FROM generate_series(1, 500) g;
+                 CREATE SEQUENCE public.counter;
+                 SELECT setval('public.counter', 42);"
+            ),
+        );
+    }
+    eprintln!("two-database source ready in {:?}", started.elapsed());
+    let dest = destination("twodb-dst");
+    let task = start(&dest, &source, r#"{"copy_workers": 2}"#);
+    expect_phase(&dest, task, "incremental");
+    for db in ["one", "two"] {
+        assert_same_schema(&source, &dest, db);
+        assert_same_data(&source, &dest, db);
+    }
+    assert_progress_complete(&source, &dest, task, &databases(&source));
+
+    // Some table of `one` was being copied while some table of `two` was: their copies
+    // overlapped instead of one database waiting for the other's last table.
+    let overlapped: bool = dest.query_scalar(
+        "postgres",
+        &format!(
+            "SELECT EXISTS (SELECT FROM cloudmig.table_progress a, cloudmig.table_progress b \
+                             WHERE a.task_id = {task} AND b.task_id = {task} \
+                               AND a.database = 'one' AND b.database = 'two' \
+                               AND a.started_at < b.finished_at \
+                               AND b.started_at < a.finished_at)"
+        ),
+    );
+    assert!(
+        overlapped,
+        "the two databases were copied one after the other:\n{}",
+        task_report(&dest, task)
+    );
+    let copied: i64 = dest.query_scalar(
+        "postgres",
+        &format!(
+            "SELECT count(DISTINCT datname) FROM cloudmig.events \
+              WHERE task_id = {task} AND message LIKE 'data copied:%' \
+                AND datname IN ('one', 'two')"
+        ),
+    );
+    assert_eq!(
+        copied,
+        2,
+        "not one 'data copied' event per database:\n{}",
+        task_report(&dest, task)
+    );
+}
+
 #[test]
 fn cancel_stops_the_copy_and_cleans_the_source() {
     let source = bulk_source("cancel-src");

@@ -10,7 +10,9 @@
 //!   database created here (top level) and the rest applied inside it by a
 //!   database worker;
 //! * `full_copy`: the tables planned from the source at the snapshot, copied
-//!   by up to `copy_workers` database workers, largest first, each table's
+//!   by up to `copy_workers` database workers in one queue across databases,
+//!   largest first overall (a worker moves to another database once its own
+//!   has nothing left, see `jobs::run_queue`), each table's
 //!   own indexes and constraints (its part of the same dump's post-data) built by
 //!   the worker that copied it right after its rows, as `pg_restore -j` does;
 //!   then sequences and large objects at the same snapshot;
@@ -719,6 +721,31 @@ impl Runner {
         )
     }
 
+    /// As [`Self::run_chained_jobs`] for the jobs of several databases in
+    /// one queue (see [`jobs::run_queue`]).
+    pub(super) fn run_queue_jobs(
+        &self,
+        jobs: Vec<Job>,
+        workers: usize,
+        on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
+        on_done: &mut jobs::FollowUps<'_>,
+        on_database_done: &mut dyn FnMut(&str) -> Result<(), Stop>,
+    ) -> Result<(), Stop> {
+        let watch = std::cell::RefCell::new((SlotWatch::new(), None));
+        jobs::run_queue(
+            self.task.id,
+            jobs,
+            workers,
+            &|| {
+                self.should_stop()
+                    .or_else(|| self.watch_slots_while_copying(&watch))
+            },
+            on_assign,
+            on_done,
+            on_database_done,
+        )
+    }
+
     /// While the copy runs, the slots already created hold the source's WAL:
     /// a source with `max_slot_wal_keep_size` may invalidate them before the
     /// apply even starts. Warns and fails as the follow loop does (see
@@ -938,6 +965,16 @@ impl Runner {
 
     fn copy_data(&mut self) -> Result<(), Stop> {
         let task_id = self.task.id;
+        let caller = self.caller();
+        // Every database whose schema is in place is planned first, then
+        // all their tables go into one queue, largest first overall: a worker
+        // done with one database's tables goes on with another's instead of
+        // idling through the first one's tail (its largest table's last rows
+        // and indexes).
+        let mut copies: HashMap<String, DatabaseCopy> = HashMap::new();
+        let mut index_jobs = Vec::new();
+        let mut table_jobs = Vec::new();
+        let mut object_jobs = Vec::new();
         for (ordinal, database) in self.databases()?.into_iter().enumerate() {
             self.check()?;
             if database.state != "schema_applied" {
@@ -967,18 +1004,23 @@ impl Runner {
             // Each table's own indexes and constraints, built right after its
             // rows by the worker that copied it; the rest waits for post-data.
             let index_scripts = self.post_data_scripts(ordinal, &datname, &snapshot)?;
-            let small: HashSet<(String, String)> = planned
+            let sizes: HashMap<(String, String), i64> = planned
                 .iter()
-                .filter(|t| t.bytes_total <= SMALL_TABLE_BYTES)
-                .map(|t| (t.schema_name.clone(), t.table_name.clone()))
+                .map(|t| ((t.schema_name.clone(), t.table_name.clone()), t.bytes_total))
                 .collect();
             let mut by_name: HashMap<(String, String), TableCopy> = HashMap::new();
-            let mut queue = Vec::new();
             for table in tables {
                 let name = (table.schema_name.clone(), table.table_name.clone());
+                let size = sizes.get(&name).copied();
+                let bytes = size.unwrap_or_default();
                 if table.state == "copied" {
                     // Its rows committed, its indexes may have (see JobSlot::resuming).
-                    queue.extend(index_job(&index_scripts, &name, true, self.caller()));
+                    index_jobs.extend(index_job(&index_scripts, &name, true, caller).map(|job| {
+                        Job {
+                            database: datname.clone(),
+                            ..job
+                        }
+                    }));
                 } else {
                     // An interrupted copy, or an extension's defaults to replace.
                     let truncate_first = table.state == "copying" || table.extension_config;
@@ -988,100 +1030,146 @@ impl Runner {
                     // committed both, and its indexes' job then knows to
                     // accept that they exist (see JobSlot::resuming).
                     let script = match index_scripts.get(&name) {
-                        Some(path) if !truncate_first && small.contains(&name) => path.clone(),
+                        Some(path)
+                            if !truncate_first && size.is_some_and(|b| b <= SMALL_TABLE_BYTES) =>
+                        {
+                            path.clone()
+                        }
                         _ => String::new(),
                     };
-                    queue.push(Job {
+                    table_jobs.push(Job {
                         kind: JobKind::CopyTable,
+                        database: datname.clone(),
+                        bytes,
                         schema: table.schema_name.clone(),
                         table: table.table_name.clone(),
                         snapshot: snapshot.clone(),
                         path: columns_path.clone(),
                         script,
                         truncate_first,
-                        caller: self.caller(),
+                        caller,
                         ..Job::default()
                     });
                 }
                 by_name.insert(name, table);
             }
-            // Resumed index builds first, then the copies largest first.
-            queue.sort_by_key(|job| job.kind != JobKind::TableIndexes);
+            // Once a database's tables are all handed out, its worker takes
+            // its sequences and large objects, at the same snapshot.
             for kind in [JobKind::CopySequences, JobKind::CopyLargeObjects] {
-                queue.push(Job {
+                object_jobs.push(Job {
                     kind,
+                    database: datname.clone(),
                     snapshot: snapshot.clone(),
                     ..Job::default()
                 });
             }
-            let tables_copied = std::cell::Cell::new(0u64);
-            let tables_indexed = std::cell::Cell::new(0u64);
-            let rows_copied = std::cell::Cell::new(0u64);
-            let caller = self.caller();
-            let table_of = |job: &Job| by_name.get(&(job.schema.clone(), job.table.clone()));
-            self.run_chained_jobs(
-                &datname,
-                queue,
-                self.copy_workers,
-                &mut |job| match (job.kind, table_of(job)) {
-                    (JobKind::CopyTable, Some(table)) => {
-                        tasks::mark_copying(task_id, table, &sync_lsn)
-                            .map_err(|e| Failure::new(e.to_string()))
-                    }
-                    (JobKind::TableIndexes, Some(table)) => tasks::mark_indexing(task_id, table)
-                        .map_err(|e| Failure::new(e.to_string())),
-                    _ => Ok(()),
+            copies.insert(
+                datname,
+                DatabaseCopy {
+                    sync_lsn,
+                    index_scripts,
+                    by_name,
+                    ..DatabaseCopy::default()
                 },
-                &mut |job, result| match (job.kind, table_of(job)) {
-                    (JobKind::CopyTable, Some(table)) => {
-                        tables_copied.set(tables_copied.get() + 1);
-                        rows_copied.set(rows_copied.get() + result.rows);
-                        let to_catalog = |e: pgrx::spi::Error| Failure::new(e.to_string());
-                        tasks::mark_copied(task_id, table, result.rows as i64, result.bytes as i64)
-                            .map_err(to_catalog)?;
-                        if !job.script.is_empty() {
-                            // Built in the copy's own transaction.
-                            tables_indexed.set(tables_indexed.get() + 1);
-                            self.record_skipped_statements(&datname, job)?;
-                            tasks::mark_table_indexed(task_id, table).map_err(to_catalog)?;
-                            return Ok(Vec::new());
-                        }
-                        let name = (job.schema.clone(), job.table.clone());
-                        // A copy done again: the attempt that died may have
-                        // built its indexes in the copy's transaction.
-                        let next: Vec<Job> =
-                            index_job(&index_scripts, &name, job.truncate_first, caller)
-                                .into_iter()
-                                .collect();
-                        if next.is_empty() {
-                            tasks::mark_table_indexed(task_id, table).map_err(to_catalog)?;
-                        }
-                        Ok(next)
-                    }
-                    (JobKind::TableIndexes, Some(table)) => {
-                        tables_indexed.set(tables_indexed.get() + 1);
-                        self.record_skipped_statements(&datname, job)?;
-                        tasks::mark_table_indexed(task_id, table)
-                            .map_err(|e| Failure::new(e.to_string()))?;
-                        Ok(Vec::new())
-                    }
-                    _ => Ok(Vec::new()),
-                },
-            )?;
-            self.set_database_state(&datname, "copied", None)?;
-            self.event(
-                Some(&datname),
-                "info",
-                &format!(
-                    "data copied: {} table(s), {} row(s), sequences and large objects; \
-                     indexes and constraints of {} table(s) built right after their rows",
-                    tables_copied.get(),
-                    rows_copied.get(),
-                    tables_indexed.get()
-                ),
-            )?;
+            );
         }
-        Ok(())
+        if copies.is_empty() {
+            return Ok(());
+        }
+        // Resumed index builds first, then the copies largest first (of
+        // all databases; planning order among equals), then each database's
+        // sequences and large objects.
+        table_jobs.sort_by_key(|job| std::cmp::Reverse(job.bytes));
+        let mut queue = index_jobs;
+        queue.append(&mut table_jobs);
+        queue.append(&mut object_jobs);
+        let copies = std::cell::RefCell::new(copies);
+        let with_table = |job: &Job, body: &mut TableStep<'_>| {
+            let mut copies = copies.borrow_mut();
+            let Some(copy) = copies.get_mut(&job.database) else {
+                return Ok(Vec::new());
+            };
+            let Some(table) = copy
+                .by_name
+                .get(&(job.schema.clone(), job.table.clone()))
+                .cloned()
+            else {
+                return Ok(Vec::new());
+            };
+            body(copy, &table)
+        };
+        let to_catalog = |e: pgrx::spi::Error| Failure::new(e.to_string());
+        self.run_queue_jobs(
+            queue,
+            self.copy_workers,
+            &mut |job| match job.kind {
+                JobKind::CopyTable => with_table(job, &mut |copy, table| {
+                    tasks::mark_copying(task_id, table, &copy.sync_lsn).map_err(to_catalog)?;
+                    Ok(Vec::new())
+                })
+                .map(drop),
+                JobKind::TableIndexes => with_table(job, &mut |_, table| {
+                    tasks::mark_indexing(task_id, table).map_err(to_catalog)?;
+                    Ok(Vec::new())
+                })
+                .map(drop),
+                _ => Ok(()),
+            },
+            &mut |job, result| match job.kind {
+                JobKind::CopyTable => with_table(job, &mut |copy, table| {
+                    copy.tables_copied += 1;
+                    copy.rows_copied += result.rows;
+                    tasks::mark_copied(task_id, table, result.rows as i64, result.bytes as i64)
+                        .map_err(to_catalog)?;
+                    if !job.script.is_empty() {
+                        // Built in the copy's own transaction.
+                        copy.tables_indexed += 1;
+                        self.record_skipped_statements(&job.database, job)?;
+                        tasks::mark_table_indexed(task_id, table).map_err(to_catalog)?;
+                        return Ok(Vec::new());
+                    }
+                    let name = (job.schema.clone(), job.table.clone());
+                    // A copy done again: the attempt that died may have
+                    // built its indexes in the copy's transaction.
+                    let next: Vec<Job> =
+                        index_job(&copy.index_scripts, &name, job.truncate_first, caller)
+                            .map(|next| Job {
+                                database: job.database.clone(),
+                                ..next
+                            })
+                            .into_iter()
+                            .collect();
+                    if next.is_empty() {
+                        tasks::mark_table_indexed(task_id, table).map_err(to_catalog)?;
+                    }
+                    Ok(next)
+                }),
+                JobKind::TableIndexes => with_table(job, &mut |copy, table| {
+                    copy.tables_indexed += 1;
+                    self.record_skipped_statements(&job.database, job)?;
+                    tasks::mark_table_indexed(task_id, table).map_err(to_catalog)?;
+                    Ok(Vec::new())
+                }),
+                _ => Ok(Vec::new()),
+            },
+            &mut |datname| {
+                self.set_database_state(datname, "copied", None)?;
+                let (tables, rows, indexed) = copies
+                    .borrow()
+                    .get(datname)
+                    .map(|c| (c.tables_copied, c.rows_copied, c.tables_indexed))
+                    .unwrap_or_default();
+                self.event(
+                    Some(datname),
+                    "info",
+                    &format!(
+                        "data copied: {tables} table(s), {rows} row(s), sequences and large \
+                         objects; indexes and constraints of {indexed} table(s) built right \
+                         after their rows"
+                    ),
+                )
+            },
+        )
     }
 
     /// pg_dump's post-data section of `datname` at `snapshot`, cut by
@@ -1340,6 +1428,24 @@ impl Runner {
         Ok(())
     }
 }
+
+/// What the copy of one database keeps while its jobs run (see
+/// [`Runner::copy_data`]).
+#[derive(Default)]
+struct DatabaseCopy {
+    /// The LSN of the snapshot its tables are copied at.
+    sync_lsn: String,
+    /// Its tables' own index scripts, by table.
+    index_scripts: HashMap<(String, String), String>,
+    by_name: HashMap<(String, String), TableCopy>,
+    tables_copied: u64,
+    tables_indexed: u64,
+    rows_copied: u64,
+}
+
+/// What the copy does with a table's catalog row when its job is handed
+/// out or done.
+type TableStep<'a> = dyn FnMut(&mut DatabaseCopy, &TableCopy) -> Result<Vec<Job>, Failure> + 'a;
 
 /// Databases whose schemas are dumped at the same time at most (one pg_dump,
 /// so one source connection, each; fewer with fewer copy workers).

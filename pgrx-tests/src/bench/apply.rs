@@ -239,17 +239,10 @@ fn measure(bench: &Bench, tool: Tool, drained: &mut Outcome, lagged: &mut Outcom
         Tool::Pglogical => {
             tools::stream_pglogical(source, &dest, &dbs, opts.setup_timeout).map(|_| ())
         }
-        Tool::Cloudmig => tools::assess_cloudmig(source, &dest).and_then(|assessment| {
-            tools::start_cloudmig(
-                &dest,
-                assessment,
-                &dbs,
-                "incremental",
-                opts.setup_timeout,
-                opts.copy_workers,
-            )
-            .map(|_| ())
-        }),
+        Tool::Cloudmig => {
+            tools::stream_cloudmig(source, &dest, &dbs, opts.setup_timeout, opts.copy_workers)
+                .map(|_| ())
+        }
         _ => Err(format!("{tool} is not an applier")),
     }
     .and_then(|()| catch_up(source, &dest, opts.setup_timeout));

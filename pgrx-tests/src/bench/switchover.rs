@@ -35,20 +35,12 @@ fn switch_over(bench: &Bench, outcome: &mut Outcome) -> Status {
     let opts = &bench.opts;
     let dbs = [BENCH_DB.to_owned()];
     let dest = tools::destination(Tool::Cloudmig, "bench-switchover");
-    let task = match tools::assess_cloudmig(source, &dest).and_then(|assessment| {
-        tools::start_cloudmig(
-            &dest,
-            assessment,
-            &dbs,
-            "incremental",
-            opts.setup_timeout,
-            opts.copy_workers,
-        )
-    }) {
-        Ok((task, _)) => task,
-        Err(e) if is_timeout(&e) => return Status::Unfinished(format!("set-up: {e}")),
-        Err(e) => return Status::Failed(format!("set-up: {e}")),
-    };
+    let task =
+        match tools::stream_cloudmig(source, &dest, &dbs, opts.setup_timeout, opts.copy_workers) {
+            Ok(task) => task,
+            Err(e) if is_timeout(&e) => return Status::Unfinished(format!("set-up: {e}")),
+            Err(e) => return Status::Failed(format!("set-up: {e}")),
+        };
     // The load runs until the fence ends its sessions (or is stopped below if the switchover
     // fails); its duration only bounds it.
     let budget = opts.switchover_warmup_seconds + 120;

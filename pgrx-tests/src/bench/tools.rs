@@ -382,6 +382,20 @@ pub fn assess_cloudmig(source: &Cluster, dest: &Cluster) -> Result<i64, String> 
         .map_err(|e| format!("assess: {}", describe(&e)))
 }
 
+/// cloudmig streaming `dbs` from `source`, as the apply, lag and switchover sections need it:
+/// assessed, started, and waited for until `incremental`; returns the task id.
+pub fn stream_cloudmig(
+    source: &Cluster,
+    dest: &Cluster,
+    dbs: &[String],
+    timeout: Duration,
+    copy_workers: Option<u32>,
+) -> Result<i64, String> {
+    let assessment = assess_cloudmig(source, dest)?;
+    start_cloudmig(dest, assessment, dbs, "incremental", timeout, copy_workers)
+        .map(|(task, _)| task)
+}
+
 /// `cloudmig.start` of `assessment` limited to `dbs` (with `replica_identity_full`, which the
 /// tables without a key need, and `copy_workers` when given); waits for `until` (`copy_complete` or `incremental`) and
 /// returns the task id and the per-phase durations from `cloudmig.events`.

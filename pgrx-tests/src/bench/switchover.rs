@@ -78,7 +78,8 @@ fn switch_over(bench: &Bench, outcome: &mut Outcome) -> Status {
     );
     let result = client.query_one(
         "SELECT downtime_ms::float8, fence_ms::float8, drain_ms::float8, sequences_ms::float8, \
-                cleanup_ms::float8 FROM cloudmig.switchover($1, $2::text::jsonb)",
+                cleanup_ms::float8, before_fence_ms::float8 \
+           FROM cloudmig.switchover($1, $2::text::jsonb)",
         &[&task, &options],
     );
     outcome.set("call_seconds", secs(started));
@@ -95,6 +96,7 @@ fn switch_over(bench: &Bench, outcome: &mut Outcome) -> Status {
         "drain_ms",
         "sequences_ms",
         "cleanup_ms",
+        "before_fence_ms",
     ]
     .into_iter()
     .enumerate()

@@ -679,6 +679,39 @@ fn too_few_source_connections_fail() {
 }
 
 #[test]
+fn a_distant_source_is_told_to_use_more_copy_workers() {
+    let source = prepared_source("far-src").start();
+    let dest = destination("far-dst");
+    let near = source.tcp_conninfo("migrator", Some(PASSWORD), "postgres");
+    let id = assess(&dest, &near);
+    assert_check(
+        &dest,
+        id,
+        "source_round_trip",
+        "pass",
+        "ms per exchange",
+        "",
+    );
+    // 30 ms there and back, as between regions.
+    let proxy = cloudmig_e2e::proxy::Proxy::to_port(source.port);
+    proxy.set_delay(Duration::from_millis(15), Duration::from_millis(15));
+    let far = near.replace(
+        &format!("port={}", source.port),
+        &format!("port={}", proxy.port()),
+    );
+    let id = assess(&dest, &far);
+    assert_check(
+        &dest,
+        id,
+        "source_round_trip",
+        "warn",
+        "ms per exchange",
+        r#"'{"copy_workers": 4}'"#,
+    );
+    assert!(passed(&dest, id), "a warning alone does not fail");
+}
+
+#[test]
 fn the_destination_is_refused_as_its_own_source() {
     let dest = destination("self-dst");
     let id = assess(&dest, &dest.tcp_conninfo("postgres", None, "postgres"));

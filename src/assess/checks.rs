@@ -8,6 +8,7 @@ use super::destination_facts::DestinationFacts;
 use super::source_facts::{SourceDatabase, SourceFacts, SourceSurvey};
 use super::{name_list, pretty_bytes, CheckResult, Report};
 use crate::source::SourceError;
+use std::time::Duration;
 
 /// Names of objects shown in a detail before "and N more".
 const LIST_LIMIT: usize = 10;
@@ -67,6 +68,7 @@ pub fn evaluate(survey: &SourceSurvey, dest: &DestinationFacts, limits: Limits) 
             checks.push(replication_slots(source));
             checks.push(wal_senders(source));
             checks.push(connection_capacity(source, limits));
+            checks.push(round_trip(source, limits));
             checks.push(output_plugin(source));
             checks.push(slot_wal_keep_size(source));
             checks.push(replication_connection(source));
@@ -732,6 +734,34 @@ fn connection_capacity(source: &SourceFacts, limits: Limits) -> CheckResult {
     }
 }
 
+/// Round trip from which the copy's own waits add up: each copy worker waits
+/// one per table (its COPY) and pg_dump one per table it locks, plus its
+/// catalog queries per database.
+const FAR_SOURCE: Duration = Duration::from_millis(10);
+
+fn round_trip(source: &SourceFacts, limits: Limits) -> CheckResult {
+    let name = "source_round_trip";
+    let ms = source.round_trip.as_secs_f64() * 1e3;
+    let detail = format!("{ms:.1} ms per exchange with the source");
+    if source.round_trip < FAR_SOURCE {
+        return CheckResult::pass(name, detail);
+    }
+    CheckResult::warn(
+        name,
+        format!(
+            "{detail}: the copy waits about two round trips per table (the schema dump's lock, \
+             then its COPY), {} copy worker(s) at a time",
+            limits.copy_workers
+        ),
+        format!(
+            "a distant source copies faster with more copy workers, each waiting its own round \
+             trips: assess and start with '{{\"copy_workers\": {}}}' (each takes one source \
+             connection); or run the migration from closer to the source",
+            (limits.copy_workers * 2).max(4)
+        ),
+    )
+}
+
 fn output_plugin(source: &SourceFacts) -> CheckResult {
     let name = "source_output_plugin";
     match source.settings.get("output_plugin_libraries") {
@@ -1153,8 +1183,8 @@ fn large_objects(source: &SourceFacts) -> CheckResult {
                 "large objects in {}; logical decoding does not carry their changes",
                 with_objects.join(", ")
             ),
-            "they are copied with the data and again at switchover; avoid writing large objects \
-             during the switchover",
+            "they are copied with the data; at switchover only what changed since is copied \
+             again, mostly before the fence: avoid writing large objects during the switchover",
         )
     }
 }
@@ -1311,6 +1341,7 @@ mod tests {
             long_transactions: vec![],
             prepared_transactions: vec![],
             tablespaces: vec![],
+            round_trip: Duration::from_micros(200),
         }
     }
 
@@ -1400,6 +1431,25 @@ mod tests {
             .unwrap()
             .contains("ALTER SYSTEM SET wal_level = logical"));
         assert!(!report.passed());
+    }
+
+    #[test]
+    fn a_distant_source_is_a_warning_that_suggests_more_copy_workers() {
+        let near = judge(healthy_source(), &empty_destination());
+        assert_eq!(check(&near, "source_round_trip").status, Pass);
+        let mut source = healthy_source();
+        source.round_trip = Duration::from_millis(30);
+        let report = judge(source, &empty_destination());
+        let c = check(&report, "source_round_trip");
+        assert_eq!(c.status, Warn);
+        assert!(c.detail.contains("30.0 ms"), "{}", c.detail);
+        assert!(
+            c.fix.as_deref().unwrap().contains(r#"{"copy_workers": 4}"#),
+            "{:?}",
+            c.fix
+        );
+        // A warning: the migration may go on.
+        assert!(report.passed());
     }
 
     #[test]

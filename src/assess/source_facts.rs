@@ -99,6 +99,8 @@ pub struct SourceFacts {
     pub long_transactions: Vec<String>,
     pub prepared_transactions: Vec<String>,
     pub tablespaces: Vec<String>,
+    /// How long one exchange with the source takes (the shortest of a few).
+    pub round_trip: Duration,
 }
 
 impl SourceFacts {
@@ -197,6 +199,7 @@ fn gather_instance(
     version: String,
     version_num: i32,
 ) -> Result<SourceFacts, SourceError> {
+    let round_trip = round_trip(first)?;
     let account_row = first
         .simple_query(
             "SELECT r.rolname, r.rolsuper, r.rolreplication, r.rolcreaterole, \
@@ -336,7 +339,23 @@ fn gather_instance(
         long_transactions,
         prepared_transactions,
         tablespaces,
+        round_trip,
     })
+}
+
+/// Exchanges timed to tell how far the source is.
+const ROUND_TRIP_SAMPLES: usize = 5;
+
+/// The shortest of a few trivial queries' exchanges with the source: the
+/// network's round trip, without the moments either side was busy elsewhere.
+fn round_trip(connection: &mut Connection) -> Result<Duration, SourceError> {
+    let mut shortest = Duration::MAX;
+    for _ in 0..ROUND_TRIP_SAMPLES {
+        let started = std::time::Instant::now();
+        connection.simple_query("SELECT 1")?;
+        shortest = shortest.min(started.elapsed());
+    }
+    Ok(shortest)
 }
 
 fn database_contents(connection: &mut Connection) -> Result<DatabaseContents, SourceError> {

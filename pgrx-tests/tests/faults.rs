@@ -527,3 +527,37 @@ fn large_transactions_with_savepoints_and_aborted_ones_under_64kb_of_decoding_me
     assert_eq!(rows, 50_000);
     s.complete(&[]);
 }
+
+#[test]
+fn the_source_lost_while_a_materialized_view_is_copied() {
+    // About 20 MB of the view's rows through a 2 MB/s link: its copy in post_data lasts seconds.
+    let s = scenario(
+        "f-matview-lost",
+        1000,
+        "CREATE MATERIALIZED VIEW big_view AS \
+           SELECT i, repeat(md5(i::text), 3) AS pad FROM generate_series(1, 200000) i",
+        &[],
+        &["cloudmig.source_retry_timeout = 120"],
+        |p| p.set_rate(Direction::Down, Some(SLOW_LINK)),
+    );
+    s.wait("post_data");
+    // The view's rows are on their way into its new heap here.
+    poll_until(
+        &s.dest,
+        "postgres",
+        "SELECT count(*) > 0 FROM pg_stat_progress_copy WHERE datname = 'app'",
+        "t",
+        TIMEOUT,
+    );
+    s.proxy.reset(Duration::from_secs(1));
+    s.wait("incremental");
+    s.proxy.set_rate(Direction::Down, None);
+    let contents = |cluster: &Cluster| -> String {
+        cluster.query_scalar(
+            "app",
+            "SELECT count(*) || ':' || sum(hashtext(v::text)) FROM big_view v",
+        )
+    };
+    assert_eq!(contents(&s.dest), contents(&s.source));
+    s.complete(&["the source is unavailable", "retrying"]);
+}

@@ -481,10 +481,16 @@ fn unpopulate(qualified: &str, caller: pgrx::pg_sys::Oid) -> Result<(), ObjectsE
 /// Gives every materialized view here (or those of `only`, as (schema,
 /// name)) the source session's contents (see [`super::matview`]); one
 /// unpopulated there becomes unpopulated here. Returns how many were copied.
+///
+/// A source lost mid-COPY surfaces as an ERROR of the local COPY, which
+/// unwinds past this function to the caller's transaction: the source's own
+/// error is left in `lost`, which the caller reads after that transaction
+/// ends, so an outage is retried as one.
 pub fn copy_materialized_views(
     source: &mut Connection,
     caller: pgrx::pg_sys::Oid,
     only: Option<&[(String, String)]>,
+    lost: &std::cell::RefCell<Option<SourceError>>,
 ) -> Result<usize, ObjectsError> {
     let views = source.simple_query(
         "SELECT schemaname::text AS schema, matviewname::text AS name, \
@@ -512,9 +518,6 @@ pub fn copy_materialized_views(
             continue;
         }
         let mut copy = source.copy_out(&materialized_view_copy(schema, name))?;
-        // A source lost mid-COPY surfaces as the local COPY's ERROR; keep
-        // the source's own error for the caller.
-        let lost: std::cell::RefCell<Option<SourceError>> = std::cell::RefCell::new(None);
         let mut next = || {
             copy.next_chunk().map_err(|e| {
                 let text = e.to_string();
@@ -522,11 +525,7 @@ pub fn copy_materialized_views(
                 text
             })
         };
-        let installed = super::matview::install(&qualified, caller, &mut next);
-        if let Some(error) = lost.into_inner() {
-            return Err(error.into());
-        }
-        installed?;
+        super::matview::install(&qualified, caller, &mut next)?;
         copied += 1;
     }
     Ok(copied)

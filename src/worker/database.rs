@@ -257,7 +257,7 @@ fn run_job(
             std::fs::write(&path, text)
                 .map_err(|e| Failure::new(format!("could not write {path}: {e}")))
         }
-        JobKind::RefreshMaterializedViews => {
+        JobKind::CopyMaterializedViews => {
             let connection = session_for(session, database, &snapshot)?;
             // With a path: only the views it lists (JSON, [schema, name]s).
             let path = job.path.get();
@@ -271,10 +271,15 @@ fn run_job(
                         .map_err(|e| Failure::new(format!("{path}: {e}")))?,
                 )
             };
+            let lost = std::cell::RefCell::new(None);
             txn::run(|| {
-                objects::copy_materialized_views(connection, job.caller, only.as_deref())
+                objects::copy_materialized_views(connection, job.caller, only.as_deref(), &lost)
                     .map(|_| ())
                     .map_err(objects_failure)
+            })
+            .map_err(|failure| match lost.into_inner().map(source_failure) {
+                Some(source) if source.transient => source,
+                _ => failure,
             })
         }
         JobKind::CountRows => count_rows(&job.path.get(), job.checksums),

@@ -105,9 +105,15 @@ impl Runner {
         fence: &mut Fence,
     ) -> Result<(), Failure> {
         for database in databases {
-            let session = self
+            let mut session = self
                 .connect(&database.datname, false)
                 .map_err(stop_failure)?;
+            // The window's reads (every large object's digests, a changed
+            // view's rows) are single statements that a statement_timeout
+            // set for the account or the database would cut short.
+            session
+                .execute("SET statement_timeout = 0")
+                .map_err(|e| Failure::from_source("preparing the switchover's sessions", &e))?;
             fence.sessions.push(session);
         }
         let migrated: Vec<&str> = databases.iter().map(|d| d.datname.as_str()).collect();

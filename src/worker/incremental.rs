@@ -841,7 +841,7 @@ impl Runner {
                     ..Job::default()
                 },
                 Job {
-                    kind: JobKind::RefreshMaterializedViews,
+                    kind: JobKind::CopyMaterializedViews,
                     path: list.display().to_string(),
                     caller,
                     ..Job::default()

@@ -390,7 +390,7 @@ fn describe(job: &Job) -> String {
         ),
         JobKind::CopySequences => "copying sequences".to_string(),
         JobKind::CopyLargeObjects => "copying large objects".to_string(),
-        JobKind::RefreshMaterializedViews => "refreshing materialized views".to_string(),
+        JobKind::CopyMaterializedViews => "copying the materialized views' rows".to_string(),
         JobKind::CountRows => "counting rows".to_string(),
         JobKind::ApplyObjects => {
             "setting sequences, large objects and materialized views".to_string()

@@ -251,7 +251,7 @@ pub enum JobKind {
     CopyLargeObjects = 4,
     /// Give every materialized view here the source's contents at
     /// `snapshot` (or as the source is now, without one); see `copy::matview`.
-    RefreshMaterializedViews = 5,
+    CopyMaterializedViews = 5,
     /// Count (and with `checksums`, checksum) the rows of the tables listed
     /// in `path`, writing the results beside it (`.out`).
     CountRows = 6,
@@ -287,7 +287,7 @@ pub struct JobSlot {
     pub resuming: bool,
     /// CountRows: also compute an order-independent checksum.
     pub checksums: bool,
-    /// ApplyScript, RefreshMaterializedViews, ApplyObjects: the role that started the
+    /// ApplyScript, CopyMaterializedViews, ApplyObjects: the role that started the
     /// task (`cloudmig.task.started_by`), on whose behalf nothing may run
     /// as a superuser unless it is one.
     pub caller: pg_sys::Oid,

@@ -1408,7 +1408,7 @@ impl Runner {
                     ..Job::default()
                 },
                 Job {
-                    kind: JobKind::RefreshMaterializedViews,
+                    kind: JobKind::CopyMaterializedViews,
                     snapshot,
                     caller: self.caller(),
                     ..Job::default()

@@ -23,7 +23,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default)]
 pub struct Job {
     pub kind: JobKind,
-    /// The database it runs in (empty: the one [`run_chained`] was given).
+    /// The database it runs in (empty: the one `Runner::run_chained_jobs` was given).
     pub database: String,
     /// The size of its table when planned, to weigh moving a worker to
     /// another database for it (see [`pick`]); 0 for other jobs.
@@ -49,7 +49,7 @@ pub struct JobResult {
 }
 
 /// Called when a job finished; returns the jobs it makes due (see
-/// [`run_chained`]).
+/// [`run_queue`]).
 pub type FollowUps<'a> = dyn FnMut(&Job, JobResult) -> Result<Vec<Job>, Failure> + 'a;
 
 /// Why a batch of jobs stopped early.
@@ -68,45 +68,18 @@ impl From<Failure> for Stop {
     }
 }
 
-/// Runs `jobs` in database `database` on up to `workers` database workers,
-/// in order of the queue. `on_assign` runs (in its own transaction) before a
-/// job is handed out, `on_done` after it finished; `should_stop` is polled.
-/// The jobs `on_done` returns go to the front of the queue,
-/// so the worker that just finished a job takes the first of them in the
-/// same pass: a table's indexes are built by the worker that copied it, right
-/// after its rows, while the other workers go on copying (as `pg_restore -j`
-/// schedules a table's indexes once its data is restored).
-pub fn run_chained(
-    task_id: i64,
-    database: &str,
-    mut jobs: Vec<Job>,
-    workers: usize,
-    should_stop: &dyn Fn() -> Option<Stop>,
-    on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
-    on_done: &mut FollowUps<'_>,
-) -> Result<(), Stop> {
-    for job in &mut jobs {
-        if job.database.is_empty() {
-            job.database = database.to_string();
-        }
-    }
-    run_queue(
-        task_id,
-        jobs,
-        workers,
-        should_stop,
-        on_assign,
-        on_done,
-        &mut |_| Ok(()),
-    )
-}
-
-/// As [`run_chained`] for a queue holding the jobs of several databases
-/// (each job names its own), shared by up to `workers` database workers in
-/// all: a worker freed by one database's last jobs goes on with another's
-/// instead of waiting for that database's tail. `on_database_done` runs
-/// (outside any transaction) once a database has no job queued or running
-/// left, follow-ups included.
+/// Runs `jobs` (each in the database it names) on up to `workers` database
+/// workers in all, in order of the queue. `on_assign` runs (in its own
+/// transaction) before a job is handed out, `on_done` after it finished;
+/// `should_stop` is polled. The jobs `on_done` returns go to the front of the
+/// queue, so the worker that just finished a job takes the first of them in
+/// the same pass: a table's indexes are built by the worker that copied it,
+/// right after its rows, while the other workers go on copying (as
+/// `pg_restore -j` schedules a table's indexes once its data is restored). A
+/// worker freed by one database's last jobs goes on with another's instead
+/// of waiting for that database's tail. `on_database_done` runs (outside any
+/// transaction) once a database has no job queued or running left,
+/// follow-ups included.
 pub fn run_queue(
     task_id: i64,
     jobs: Vec<Job>,

@@ -697,7 +697,7 @@ impl Runner {
     }
 
     /// As [`Self::run_jobs`], with the follow-up jobs `on_done` returns (see
-    /// [`jobs::run_chained`]).
+    /// [`jobs::run_queue`]), all in `database`.
     pub(super) fn run_chained_jobs(
         &self,
         database: &str,
@@ -706,19 +706,13 @@ impl Runner {
         on_assign: &mut dyn FnMut(&Job) -> Result<(), Failure>,
         on_done: &mut jobs::FollowUps<'_>,
     ) -> Result<(), Stop> {
-        let watch = std::cell::RefCell::new((SlotWatch::new(), None));
-        jobs::run_chained(
-            self.task.id,
-            database,
-            jobs,
-            workers,
-            &|| {
-                self.should_stop()
-                    .or_else(|| self.watch_slots_while_copying(&watch))
-            },
-            on_assign,
-            on_done,
-        )
+        let mut jobs = jobs;
+        for job in &mut jobs {
+            if job.database.is_empty() {
+                job.database = database.to_string();
+            }
+        }
+        self.run_queue_jobs(jobs, workers, on_assign, on_done, &mut |_| Ok(()))
     }
 
     /// As [`Self::run_chained_jobs`] for the jobs of several databases in

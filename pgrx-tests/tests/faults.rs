@@ -127,6 +127,9 @@ fn a_black_hole_longer_than_the_source_timeout_then_resets() {
         |_| {},
     );
     s.wait("incremental");
+    // Streaming, not still starting: a small copy reaches incremental (under 1 MB behind)
+    // before the apply has connected, and a black hole then times out its start instead.
+    s.caught_up();
     s.proxy.black_hole();
     s.write(1);
     // The apply notices the silence (no keepalive either) and retries.
